@@ -1,0 +1,184 @@
+"""Train TinyWorld's UNet and CLIP text encoder jointly on base-vocabulary renders. Resumable.
+
+    python -m studio.tinyworld.train_base --steps 4000 [--minutes 60]
+
+The VAE must be trained first (its latents are precomputed once). No LoRA concept appears here: captions
+come from `sample_base` compositions only. Epsilon prediction with Min-SNR-5 loss weighting, 10 % caption
+dropout for classifier-free guidance, an EMA of the weights. `--export` writes the whole pipeline with
+`save_pretrained` from the latest checkpoint's EMA weights.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .catalog import Composition, caption
+from .data import base_set, cached
+from .models import SCHEDULER_CONFIG, build_text_encoder, build_unet, n_params
+from .tokenizer import build_clip_tokenizer
+from .train_vae import to_tensor
+
+
+def encode_latents(vae, imgs: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    means, stds = [], []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(imgs), batch), desc="encode latents", leave=False):
+            dist = vae.encode(to_tensor(imgs[i: i + batch])).latent_dist
+            means.append(dist.mean.numpy())
+            stds.append(dist.std.numpy())
+    return np.concatenate(means).astype(np.float16), np.concatenate(stds).astype(np.float16)
+
+
+def comps_from_arrays(arr: dict) -> list[Composition]:
+    keys = ["subject", "color", "background", "size", "position"]
+    return [Composition(**{k: str(arr[k][i]) for k in keys}) for i in range(len(arr["subject"]))]
+
+
+def export_pipeline(vae, unet, text_encoder, tokenizer, out: str | Path) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(out), safe_serialization=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4000, help="length of the LR schedule")
+    ap.add_argument("--minutes", type=float, default=0, help="training-time budget: the LR decays over it, then training stops with a checkpoint")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=8e-4)
+    ap.add_argument("--n-images", type=int, default=40000)
+    ap.add_argument("--vae", default="assets/tinyworld/vae")
+    ap.add_argument("--work", default="runs/base")
+    ap.add_argument("--out", default="assets/tinyworld")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--export", action="store_true", help="only export the pipeline from the checkpoint")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_clip_tokenizer(work / "tokenizer")
+    vae = AutoencoderKL.from_pretrained(args.vae).eval()
+    scale = vae.config.scaling_factor
+
+    def make_set():
+        imgs, comps = base_set(args.n_images, seed=11)
+        mean, std = encode_latents(vae, imgs)
+        cols = {k: np.array([getattr(c, k) for c in comps]) for k in ["subject", "color", "background", "size",
+                                                                        "position"]}
+        return {"mean": mean, "std": std, **cols}
+
+    data = cached(work / "latents.npz", make_set)
+    comps = comps_from_arrays(data)
+    mean = torch.from_numpy(data["mean"].astype(np.float32))
+    std = torch.from_numpy(data["std"].astype(np.float32))
+
+    torch.manual_seed(0)
+    unet, text_encoder = build_unet(), build_text_encoder()
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    step, seconds = 0, 0.0
+    ckpt = work / "ckpt.pt"
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=True)
+        unet.load_state_dict(st["unet"])
+        text_encoder.load_state_dict(st["te"])
+        ema_unet.load_state_dict(st["ema_unet"])
+        ema_te.load_state_dict(st["ema_te"])
+        opt.load_state_dict(st["opt"])
+        step, seconds = st["step"], st["seconds"]
+        print(f"resumed at step {step}")
+
+    def save():
+        torch.save({"unet": unet.state_dict(), "te": text_encoder.state_dict(), "ema_unet": ema_unet.state_dict(),
+                    "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "step": step, "seconds": seconds},
+                   work / "ckpt.tmp")
+        (work / "ckpt.tmp").replace(ckpt)
+
+    def export():
+        ema_unet.eval()
+        export_pipeline(vae, ema_unet, ema_te, tokenizer, args.out)
+        stats = {"component": "unet+text_encoder", "steps": step, "train_seconds": round(seconds, 1),
+                 "unet_params": n_params(ema_unet), "text_encoder_params": n_params(ema_te),
+                 "batch": args.batch, "n_train_images": args.n_images, "lr": args.lr}
+        (Path(args.out) / "training.json").write_text(json.dumps(stats, indent=2))
+        print(json.dumps(stats))
+
+    if args.export:
+        export()
+        return
+
+    noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
+    alphas_cumprod = noise_sched.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    warm = 200
+
+    def lr_at(s):
+        # cosine over whichever budget runs out first: steps, or minutes of training time
+        progress = s / args.steps
+        if args.minutes:
+            progress = max(progress, seconds / (args.minutes * 60))
+        progress = min(progress, 1.0)
+        return min(1.0, (s + 1) / warm) * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * progress)))
+
+    rng = random.Random(step)
+    gen = torch.Generator().manual_seed(step)
+    unet.train()
+    text_encoder.train()
+    bar = tqdm(total=args.steps, initial=step, desc="unet+te")
+    while step < args.steps:
+        t0 = time.time()
+        idx = torch.randint(0, len(comps), (args.batch,), generator=gen)
+        caps = [caption(comps[i], rng) if rng.random() >= 0.1 else "" for i in idx.tolist()]
+        ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        zt = noise_sched.add_noise(z, noise, t)
+        cond = text_encoder(ids)[0]
+        pred = unet(zt, t, cond).sample
+        w = torch.clamp(snr[t], max=5.0) / snr[t]
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        for g in opt.param_groups:
+            g["lr"] = float(args.lr * lr_at(step))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m, e in ((unet, ema_unet), (text_encoder, ema_te)):
+                for p, q in zip(m.parameters(), e.parameters()):
+                    q.lerp_(p, 1 - decay)
+        step += 1
+        seconds += time.time() - t0
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 100 == 0:
+            save()
+        if args.minutes and seconds > args.minutes * 60:
+            break
+    bar.close()
+    save()
+    export()
+
+
+if __name__ == "__main__":
+    main()
