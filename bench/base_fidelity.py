@@ -30,6 +30,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--sampler", default="dpm++")
+    ap.add_argument("--model", default=None, help="default: the committed TinyWorld")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "base_fidelity.json"))
     ap.add_argument("--grid", default=str(ROOT / "docs" / "base_samples.png"))
     args = ap.parse_args(argv)
@@ -38,7 +39,7 @@ def main(argv=None):
     comps = [sample_base(rng) for _ in range(args.n)]
     prompts = [caption(c, rng) for c in comps]
     seeds = [10_000 + i for i in range(args.n)]
-    studio = Studio(sampler=args.sampler)
+    studio = Studio(model=args.model, sampler=args.sampler)
     t0 = time.time()
     results = studio.generate_many(prompts, seeds, steps=args.steps, cfg=args.cfg, batch_size=25)
     seconds = time.time() - t0

@@ -1,0 +1,369 @@
+"""The LoRA catalog: an SQLite index of LoRA files, scanned incrementally and crash-safe.
+
+Each file is indexed in its own transaction, so a scan killed at any moment leaves a consistent catalog and
+the next scan carries on. Files are recognised by (size, mtime, sidecar stamps), then by content hash; bad
+files are recorded as quarantined with the reason and fix; files with the same tensor bytes are duplicates
+of the first one indexed.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import sidecars as sc
+from .canonical import LoRA
+from .errors import LoRAFileError
+from .formats import PICKLE_SUFFIXES, read_lora
+
+SCHEMA_VERSION = 1
+LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS loras (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    alias TEXT,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'duplicate', 'quarantined')),
+    duplicate_of INTEGER,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sidecar_stamp TEXT NOT NULL,
+    file_sha256 TEXT NOT NULL,
+    tensor_hash TEXT,
+    format TEXT,
+    kinds TEXT,
+    dora INTEGER,
+    family TEXT,
+    ranks TEXT,
+    alphas TEXT,
+    n_modules INTEGER,
+    components TEXT,
+    trigger_words TEXT NOT NULL,
+    description TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    preview TEXT,
+    sidecar TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    warnings TEXT NOT NULL,
+    reason TEXT,
+    fix TEXT,
+    indexed_at REAL NOT NULL,
+    CHECK (status = 'quarantined' AND reason IS NOT NULL AND fix IS NOT NULL AND tensor_hash IS NULL
+           OR status != 'quarantined' AND tensor_hash IS NOT NULL AND format IS NOT NULL AND family IS NOT NULL
+              AND n_modules > 0 AND (status = 'ok') = (duplicate_of IS NULL))
+);
+CREATE INDEX IF NOT EXISTS loras_tensor_hash ON loras (tensor_hash);
+CREATE INDEX IF NOT EXISTS loras_name ON loras (name);
+"""
+_JSON_COLUMNS = ("kinds", "ranks", "alphas", "components", "trigger_words", "tags", "sidecar", "metadata", "warnings")
+
+
+@dataclass
+class Entry:
+    """One catalogued file (an indexed LoRA, a duplicate of one, or a quarantined file)."""
+
+    id: int
+    path: Path
+    name: str
+    alias: str | None
+    status: str
+    duplicate_of: int | None
+    size: int
+    file_sha256: str
+    tensor_hash: str | None
+    format: str | None
+    kinds: list[str]
+    dora: bool
+    family: str | None
+    ranks: list[int]
+    alphas: list[float]
+    n_modules: int | None
+    components: dict[str, int]
+    trigger_words: list[str]
+    description: str
+    tags: list[str]
+    preview: Path | None
+    sidecar: dict
+    metadata: dict[str, str]
+    warnings: list[str]
+    reason: str | None
+    fix: str | None
+
+    def one_line(self) -> str:
+        if self.status == "quarantined":
+            return f"{self.path.name}: {self.reason} (fix: {self.fix})"
+        ranks = "/".join(map(str, self.ranks))
+        return f"{self.name} [{self.family}, {','.join(self.kinds)} r{ranks}, {self.n_modules} modules]"
+
+
+@dataclass
+class ScanReport:
+    """What one scan did; `str()` is a summary plus one line per quarantined or duplicate file."""
+
+    root: str
+    added: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    unchanged: int = 0
+    removed: list[str] = field(default_factory=list)
+    duplicates: list[str] = field(default_factory=list)
+    quarantined: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def __str__(self) -> str:
+        lines = [
+            f"scanned {self.root} in {self.seconds:.1f}s: {len(self.added)} added, {len(self.updated)} updated, "
+            f"{self.unchanged} unchanged, {len(self.removed)} removed, {len(self.duplicates)} duplicates, "
+            f"{len(self.quarantined)} quarantined"
+        ]
+        lines += [f"  quarantined {line}" for line in self.quarantined]
+        lines += [f"  duplicate   {line}" for line in self.duplicates]
+        return "\n".join(lines)
+
+
+def file_hashes(path: str | Path) -> tuple[str, str | None]:
+    """(sha256 of the whole file, sha256 of the bytes after the safetensors header or None if it has none).
+
+    The second is kohya's ``sshs_model_hash``: it ignores the metadata, so re-tagged copies still match.
+    """
+    full, tensors = hashlib.sha256(), hashlib.sha256()
+    start, offset = None, 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if start is None:
+                size = os.fstat(f.fileno()).st_size
+                n = int.from_bytes(chunk[:8], "little") if len(chunk) >= 8 else size
+                start = 8 + n if 8 + n <= size else -1
+            full.update(chunk)
+            if start >= 0 and offset + len(chunk) > start:
+                tensors.update(chunk[max(0, start - offset) :])
+            offset += len(chunk)
+    return full.hexdigest(), tensors.hexdigest() if start is not None and start >= 0 else None
+
+
+def _stamp(files: list[Path]) -> str:
+    stamps = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        stamps.append([f.name, st.st_size, st.st_mtime_ns])
+    return json.dumps(stamps)
+
+
+class Catalog:
+    """SQLite catalog of LoRA files (WAL journal, one transaction per file)."""
+
+    def __init__(self, db_path: str | Path):
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._transaction():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                self._db.execute(statement)
+            row = self._db.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.db_path}: catalog schema version {row[0]}, this LoRA Studio uses {SCHEMA_VERSION}; "
+                    "delete the file and scan again to rebuild it"
+                )
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self):
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # -- scanning ------------------------------------------------------------------------------------------
+
+    def scan(self, directory: str | Path) -> ScanReport:
+        """Index every LoRA file under `directory`; forget catalogued files there that are gone."""
+        started = time.monotonic()
+        root = Path(directory).resolve()
+        if not root.is_dir():
+            raise NotADirectoryError(f"{root} is not a folder (nothing scanned, nothing forgotten)")
+        report = ScanReport(root=str(root))
+        files = sorted(
+            p for p in root.rglob("*")
+            if p.suffix.lower() in LORA_SUFFIXES and not p.name.startswith(".") and p.is_file()
+        )
+        present = {str(p) for p in files}
+        known = {r["path"]: r for r in self._db.execute("SELECT * FROM loras")}
+        for path, row in known.items():
+            if Path(path).is_relative_to(root) and path not in present:
+                with self._transaction():
+                    self._db.execute("DELETE FROM loras WHERE id = ?", (row["id"],))
+                    self._repair_duplicates(row["tensor_hash"])
+                report.removed.append(path)
+        for path in files:
+            try:
+                self._scan_file(path, known.get(str(path)), report)
+            except FileNotFoundError:
+                continue  # deleted while scanning; the next scan forgets it
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _scan_file(self, path: Path, row: sqlite3.Row | None, report: ScanReport) -> None:
+        st = path.stat()
+        side = sc.find_sidecars(path)
+        stamp = _stamp(side.files)
+        if row and (row["size"], row["mtime_ns"], row["sidecar_stamp"]) == (st.st_size, st.st_mtime_ns, stamp):
+            report.unchanged += 1
+            return
+        sha, tensor_hash = file_hashes(path)
+        if row and row["file_sha256"] == sha and row["sidecar_stamp"] == stamp:
+            with self._transaction():
+                self._db.execute(
+                    "UPDATE loras SET size = ?, mtime_ns = ? WHERE id = ?", (st.st_size, st.st_mtime_ns, row["id"])
+                )
+            report.unchanged += 1
+            return
+        record = self._describe(path, side, sha, tensor_hash)
+        record.update(
+            path=str(path), name=path.stem, status="quarantined" if record["reason"] else "ok", duplicate_of=None,
+            size=st.st_size, mtime_ns=st.st_mtime_ns, sidecar_stamp=stamp, file_sha256=sha, indexed_at=time.time(),
+        )
+        columns = ", ".join(record)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in record if c != "path")
+        with self._transaction():
+            self._db.execute(
+                f"INSERT INTO loras ({columns}) VALUES ({', '.join('?' * len(record))}) "
+                f"ON CONFLICT (path) DO UPDATE SET {updates}",
+                tuple(record.values()),
+            )
+            if row is not None:
+                self._repair_duplicates(row["tensor_hash"])
+            self._repair_duplicates(record["tensor_hash"])
+            new = self._db.execute("SELECT id, status, duplicate_of FROM loras WHERE path = ?", (str(path),)).fetchone()
+        (report.updated if row else report.added).append(str(path))
+        if new["status"] == "quarantined":
+            report.quarantined.append(f"{path.name}: {record['reason']} (fix: {record['fix']})")
+        elif new["status"] == "duplicate":
+            original = self._db.execute("SELECT path FROM loras WHERE id = ?", (new["duplicate_of"],)).fetchone()
+            report.duplicates.append(f"{path.name} has the same tensors as {Path(original['path']).name}")
+
+    def _describe(self, path: Path, side: sc.Sidecars, sha: str, tensor_hash: str | None) -> dict:
+        """Column values for one file: parsed and checked LoRA facts, or the reason it is quarantined."""
+        record = {
+            "alias": None, "tensor_hash": None, "format": None, "kinds": [], "dora": None, "family": None,
+            "ranks": [], "alphas": [], "n_modules": None, "components": {}, "trigger_words": [], "description": "",
+            "tags": [], "preview": str(side.preview) if side.preview else None, "sidecar": side.as_dict(),
+            "metadata": {}, "warnings": list(side.warnings), "reason": None, "fix": None,
+        }
+        try:
+            lora = read_lora(path)
+        except LoRAFileError as e:
+            record.update(reason=e.reason, fix=e.fix)
+        except OSError as e:
+            record.update(reason=f"cannot read the file ({e.strerror or e})", fix="check the file and its permissions")
+        except Exception as e:  # a scan never stops on one file
+            record.update(reason=f"unexpected {type(e).__name__}: {e}", fix="report this file as a LoRA Studio bug")
+        else:
+            family = lora.family
+            hint = sc.family_hint(side)
+            if family == "unknown" and hint:
+                family = hint
+            elif hint and hint != family:
+                record["warnings"].append(f"sidecar files say {hint} but the tensors say {family}")
+            record.update(
+                alias=sc.alias(lora.metadata, side), tensor_hash=tensor_hash or sha, format=lora.source_format,
+                kinds=lora.kinds(), dora=lora.has_dora, family=family, ranks=lora.ranks(), alphas=lora.alphas(),
+                n_modules=len(lora.modules), components=lora.components(),
+                trigger_words=sc.trigger_words(lora.metadata, side), description=sc.description(lora.metadata, side),
+                tags=sc.tags(lora.metadata, side), metadata=lora.metadata,
+            )
+        for column in _JSON_COLUMNS:
+            record[column] = json.dumps(record[column])
+        return record
+
+    def _repair_duplicates(self, tensor_hash: str | None) -> None:
+        """Make the lowest id with this tensor hash the original and the others its duplicates."""
+        if tensor_hash is None:
+            return
+        ids = [r[0] for r in self._db.execute(
+            "SELECT id FROM loras WHERE tensor_hash = ? AND status != 'quarantined' ORDER BY id", (tensor_hash,)
+        )]
+        if ids:
+            self._db.execute("UPDATE loras SET status = 'ok', duplicate_of = NULL WHERE id = ?", (ids[0],))
+            self._db.executemany(
+                "UPDATE loras SET status = 'duplicate', duplicate_of = ? WHERE id = ?", [(ids[0], i) for i in ids[1:]]
+            )
+
+    # -- queries -------------------------------------------------------------------------------------------
+
+    def _entries(self, where: str, params=()) -> list[Entry]:
+        rows = self._db.execute(f"SELECT * FROM loras WHERE {where} ORDER BY name, id", params).fetchall()
+        return [_entry(r) for r in rows]
+
+    def all(self) -> list[Entry]:
+        """Indexed LoRAs (originals and duplicates), by name."""
+        return self._entries("status != 'quarantined'")
+
+    def quarantined(self) -> list[Entry]:
+        return self._entries("status = 'quarantined'")
+
+    def get(self, name_or_id: int | str) -> Entry:
+        """An indexed LoRA by id, path, file name (stem), alias or case-insensitive name; KeyError if none."""
+        if isinstance(name_or_id, int):
+            found = self._entries("id = ?", (name_or_id,))
+        else:
+            key = str(name_or_id)
+            found = (
+                self._entries("path = ?", (str(Path(key).resolve()),))
+                or self._entries("name = ? OR alias = ?", (key, key))
+                or self._entries("lower(name) = lower(?) OR lower(alias) = lower(?)", (key, key))
+                or (self._entries("id = ?", (int(key),)) if key.isdigit() else [])
+            )
+        ok = [e for e in found if e.status != "quarantined"]
+        if ok:
+            return min(ok, key=lambda e: (e.status != "ok", e.id))
+        if found:
+            bad = found[0]
+            raise KeyError(f"{name_or_id!r} is quarantined: {bad.reason} (fix: {bad.fix})")
+        names = [r[0] for r in self._db.execute("SELECT name FROM loras WHERE status != 'quarantined'")]
+        close = difflib.get_close_matches(str(name_or_id), names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise KeyError(f"no LoRA {name_or_id!r} in the catalog{hint}")
+
+    def load(self, name_or_id: int | str) -> LoRA:
+        """Read the catalogued file into a canonical `LoRA`."""
+        return read_lora(self.get(name_or_id).path)
+
+
+def _entry(row: sqlite3.Row) -> Entry:
+    values = {k: row[k] for k in row.keys()}
+    for column in _JSON_COLUMNS:
+        values[column] = json.loads(values[column])
+    values["path"] = Path(values["path"])
+    values["preview"] = Path(values["preview"]) if values["preview"] else None
+    values["dora"] = bool(values["dora"])
+    for column in ("mtime_ns", "sidecar_stamp", "indexed_at"):
+        del values[column]
+    return Entry(**values)

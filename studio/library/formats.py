@@ -1,0 +1,620 @@
+"""Read and write LoRA files (kohya/A1111, LyCORIS LoHa/LoKr, DoRA, diffusers/PEFT) as canonical `LoRA`s.
+
+Formats, by key naming:
+
+- ``kohya``: ``lora_unet_*``/``lora_te_*``/``lora_te1_*``/``lora_te2_*`` names with ``.lora_down.weight``,
+  ``.lora_up.weight``, ``.lora_mid.weight``, ``.alpha``, ``.dora_scale`` or LyCORIS ``.hada_*``/``.lokr_*``.
+- ``diffusers``: ``unet.<path>.lora_A.weight``/``lora_B.weight`` (PEFT), DoRA ``lora_magnitude_vector``,
+  alphas in the ``lora_adapter_metadata`` JSON of the safetensors metadata.
+- ``diffusers_old`` (read only): ``<path>.lora.down.weight``, ``lora_linear_layer``, attention processors'
+  ``to_q_lora.down.weight``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .canonical import COMPONENTS, FAMILIES, LoRA, ModuleLoRA, delta_shape
+from .errors import (
+    CorruptFileError,
+    FamilyMismatchError,
+    LoRAFileError,
+    NonFiniteError,
+    PickleRefusedError,
+    ShapeMismatchError,
+    UnknownFormatError,
+)
+from .naming import KOHYA_PREFIXES, is_sgm_name, kohya_to_path, path_to_kohya
+
+FORMATS = ("kohya", "diffusers", "diffusers_old")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
+_MAX_HEADER = 100 * 1024 * 1024
+
+_LYCORIS_SUFFIXES = {
+    "hada_w1_a": ("loha", "w1a"), "hada_w1_b": ("loha", "w1b"), "hada_w2_a": ("loha", "w2a"),
+    "hada_w2_b": ("loha", "w2b"), "hada_t1": ("loha", "t1"), "hada_t2": ("loha", "t2"),
+    "lokr_w1": ("lokr", "w1"), "lokr_w1_a": ("lokr", "w1a"), "lokr_w1_b": ("lokr", "w1b"),
+    "lokr_w2": ("lokr", "w2"), "lokr_w2_a": ("lokr", "w2a"), "lokr_w2_b": ("lokr", "w2b"), "lokr_t2": ("lokr", "t2"),
+}
+_SUFFIXES = {
+    "kohya": {"lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"),
+              "lora_mid.weight": ("lora", "mid"), "alpha": (None, "alpha"), "dora_scale": (None, "dora_scale"),
+              **_LYCORIS_SUFFIXES},
+    "diffusers": {"lora_A.weight": ("lora", "down"), "lora_B.weight": ("lora", "up"),
+                  "lora_magnitude_vector": (None, "dora_scale"), "lora_magnitude_vector.weight": (None, "dora_scale"),
+                  "alpha": (None, "alpha"), **_LYCORIS_SUFFIXES},
+    "diffusers_old": {"lora.down.weight": ("lora", "down"), "lora.up.weight": ("lora", "up"),
+                      "lora_linear_layer.down.weight": ("lora", "down"),
+                      "lora_linear_layer.up.weight": ("lora", "up"), "alpha": (None, "alpha")},
+}
+_KOHYA_FACTOR_KEYS = {"down": "lora_down.weight", "up": "lora_up.weight", "mid": "lora_mid.weight"}
+_LOHA_KEYS = {v[1]: k for k, v in _LYCORIS_SUFFIXES.items() if v[0] == "loha"}
+_LOKR_KEYS = {v[1]: k for k, v in _LYCORIS_SUFFIXES.items() if v[0] == "lokr"}
+_OLD_PROCESSOR = re.compile(r"(.+?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight")
+_OLD_TE_NAMES = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "time_embedding", "add_embedding")
+_UNSUPPORTED = {"oft_blocks": "OFT", "oft_diag": "Diag-OFT", "diff": "full fine-tune (diff)", "w_norm": "norm",
+                "on_input": "IA3", "a1.weight": "GLoRA", "lora_A.bias": "LoRA bias", "lora_B.bias": "LoRA bias"}
+
+_CROSS_ATTN_FAMILY = {768: "sd15", 2048: "sdxl", 128: "tinyworld"}
+_TEXT_WIDTH_FAMILY = {768: "sd15", 128: "tinyworld"}
+_KNOWN_WIDTHS = {1024: "SD2.x", 4096: "a T5-conditioned model"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# safetensors header
+
+
+@dataclass
+class Header:
+    """A safetensors header: metadata and, per tensor, its dtype and shape; no tensor data is read."""
+
+    metadata: dict[str, str]
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    size: int
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: shape for k, (_, shape) in self.tensors.items()}
+
+
+REEXPORT_FIX = "re-download the file or export it again"
+
+
+def is_pickle(path: str | Path) -> bool:
+    """Whether the file is a pickled torch checkpoint: by its zip/pickle magic bytes, else by its suffix."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) == 9 and head[8:9] == b"{":
+        return False  # a safetensors header, whatever the suffix
+    if head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return True
+    return path.suffix.lower() in PICKLE_SUFFIXES
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and check the header of a safetensors file without reading tensor data."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CorruptFileError(path, f"file is {size} bytes, too short for a safetensors header", REEXPORT_FIX)
+            n = int.from_bytes(head, "little")
+            if n > min(size - 8, _MAX_HEADER):
+                raise CorruptFileError(
+                    path, f"truncated or not a safetensors file: header claims {n} bytes, {size - 8} follow",
+                    REEXPORT_FIX,
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise LoRAFileError(path, f"cannot read the file ({e.strerror or e})", "check the path and its permissions")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CorruptFileError(path, "safetensors header is not valid JSON (corrupt file)", REEXPORT_FIX) from None
+    if not isinstance(header, dict):
+        raise CorruptFileError(path, "safetensors header is not a JSON object (corrupt file)", REEXPORT_FIX)
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptFileError(path, "safetensors metadata must map strings to strings (corrupt file)", REEXPORT_FIX)
+    data_size = size - 8 - n
+    tensors, spans = {}, []
+    for key, info in header.items():
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+            ok = (
+                dtype in _DTYPE_SIZES and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
+                and type(begin) is int and type(end) is int and 0 <= begin <= end
+            )
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise CorruptFileError(path, f"bad header entry for tensor {key!r} (corrupt file)", REEXPORT_FIX)
+        if end - begin != math.prod(shape) * _DTYPE_SIZES[dtype]:
+            raise CorruptFileError(path, f"tensor {key!r}: shape {shape} does not match its byte span", REEXPORT_FIX)
+        if end > data_size:
+            raise CorruptFileError(
+                path, f"truncated: tensor {key!r} ends at byte {end} but only {data_size} data bytes exist",
+                REEXPORT_FIX,
+            )
+        tensors[key] = (dtype, tuple(shape))
+        spans.append((begin, end))
+    spans.sort()
+    if any(b < e_prev for (_, e_prev), (b, _) in zip(spans, spans[1:])):
+        raise CorruptFileError(path, "tensors overlap in the data section (corrupt file)", REEXPORT_FIX)
+    return Header(metadata=dict(metadata), tensors=tensors, size=size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# key naming
+
+
+def detect_format(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
+    """``kohya``, ``diffusers``, ``diffusers_old`` or ``unknown``, from the tensor names (and metadata)."""
+    keys = list(keys)
+    if any(k.startswith(tuple(p for p, _ in KOHYA_PREFIXES)) for k in keys):
+        return "kohya"
+    if any(_OLD_PROCESSOR.fullmatch(k) or ".lora.down." in k or ".lora_linear_layer." in k for k in keys):
+        return "diffusers_old"
+    peft_markers = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", *(f".{s}" for s in _LYCORIS_SUFFIXES))
+    if any(marker in k for k in keys for marker in peft_markers) or ADAPTER_METADATA_KEY in (metadata or {}):
+        return "diffusers"
+    return "unknown"
+
+
+def _component_path(path: str) -> str | None:
+    """Prefix a diffusers-style path with its component ("unet." etc.) when the file left it out."""
+    path = path.removeprefix("base_model.model.")
+    head = path.split(".", 1)[0]
+    if head in COMPONENTS:
+        return path if "." in path else None
+    if head in _UNET_ROOTS:
+        return f"unet.{path}"
+    if head == "text_model":
+        return f"text_encoder.{path}"
+    return None
+
+
+def _parse_key(key: str, fmt: str) -> tuple[str, str | None, str] | None:
+    """(module path, kind hint, factor) of a tensor name, or None when it is not an adapter tensor we know."""
+    if fmt == "kohya":
+        name, _, suffix = key.partition(".")
+        hit = _SUFFIXES["kohya"].get(suffix)
+        path = kohya_to_path(name) if hit else None
+        return (path, *hit) if path else None
+    if fmt == "diffusers_old" and (m := _OLD_PROCESSOR.fullmatch(key)):
+        path = _component_path(m[1])
+        if path is None:
+            return None
+        if path.startswith("unet."):
+            target = "to_out.0" if m[2] == "to_out" else m[2]
+        else:
+            target = _OLD_TE_NAMES[m[2]]
+        return f"{path}.{target}", "lora", m[3]
+    for suffix, hit in _SUFFIXES.get(fmt, {}).items():
+        if key.endswith("." + suffix):
+            path = _component_path(key[: -len(suffix) - 1])
+            return (path, *hit) if path else None
+    return None
+
+
+@dataclass
+class KeyGroup:
+    """Tensor names of one module, by factor, and the adapter family their suffixes name (None: not yet known)."""
+
+    kind: str | None
+    keys: dict[str, str]
+
+    def module_kind(self, shapes: Mapping[str, Sequence[int]]) -> str:
+        """``lora``, ``locon`` (a conv ``down``), ``loha`` or ``lokr``."""
+        kind = self.kind or "lora"
+        if kind == "lora" and len(shapes.get(self.keys.get("down", ""), ())) > 2:
+            return "locon"
+        return kind
+
+    def factor_shapes(self, shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+        return {f: tuple(shapes[k]) for f, k in self.keys.items() if f not in ("alpha", "dora_scale")}
+
+
+def group_keys(keys: Iterable[str], fmt: str) -> tuple[dict[str, KeyGroup], list[str]]:
+    """Group tensor names by module: ({path: KeyGroup}, [names that belong to no supported adapter])."""
+    groups: dict[str, KeyGroup] = {}
+    unknown = []
+    for key in keys:
+        parsed = _parse_key(key, fmt)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        path, hint, factor = parsed
+        group = groups.setdefault(path, KeyGroup(None, {}))
+        if factor in group.keys or (hint and group.kind and hint != group.kind):
+            unknown.append(key)  # a duplicate factor or a second adapter kind on one module
+            continue
+        group.kind = group.kind or hint
+        group.keys[factor] = key
+    return groups, unknown
+
+
+def no_lora_error(path: Path) -> UnknownFormatError:
+    return UnknownFormatError(
+        path, "no LoRA tensors found (neither kohya, LyCORIS nor diffusers/PEFT names)",
+        "check that this is a LoRA file and not a full checkpoint, embedding or other adapter",
+    )
+
+
+def unsupported_reason(keys: Sequence[str]) -> str:
+    for key in keys:
+        for suffix, algo in _UNSUPPORTED.items():
+            if key.endswith("." + suffix):
+                return f"uses {algo} adapters ({key}), which LoRA Studio does not support"
+    shown = ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+    return f"has tensors that belong to no supported LoRA module: {shown}"
+
+
+def delta_shapes(groups: Mapping[str, KeyGroup], shapes: Mapping[str, Sequence[int]]) -> dict[str, tuple[int, ...]]:
+    """ΔW shape per module, for modules whose factor shapes fit together (others are left out)."""
+    out = {}
+    for path, group in groups.items():
+        try:
+            out[path] = delta_shape(group.module_kind(shapes), group.factor_shapes(shapes))
+        except ValueError:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# base family
+
+
+def _metadata_family(metadata: Mapping[str, str]) -> tuple[str, str] | None:
+    version = metadata.get("ss_base_model_version", "")
+    arch = metadata.get("modelspec.architecture", "")
+    if version.startswith("sdxl") or arch.startswith("stable-diffusion-xl"):
+        return "sdxl", f"metadata says {version or arch}"
+    if version.startswith("sd_v1") or arch.startswith("stable-diffusion-v1"):
+        return "sd15", f"metadata says {version or arch}"
+    if arch.startswith("tinyworld"):
+        return "tinyworld", f"metadata says {arch}"
+    if version.startswith("sd_v2") or arch.startswith("stable-diffusion-v2") or metadata.get("ss_v2") == "True":
+        return "unknown", f"metadata says SD2.x ({version or arch or 'ss_v2'})"
+    return None
+
+
+def family_evidence(
+    shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str] | None = None
+) -> tuple[str, str, list[str]]:
+    """(family, the evidence for it, warnings) from tensor names and shapes, then metadata."""
+    metadata = metadata or {}
+    keys = list(shapes)
+    fmt = detect_format(keys, metadata)
+    groups, _ = group_keys(keys, fmt)
+    dims = delta_shapes(groups, {k: tuple(v) for k, v in shapes.items()})
+    found: tuple[str, str] | None = None
+
+    cross = sorted({s[1] for p, s in dims.items() if p.startswith("unet.") and re.search(r"attn2\.to_[kv]$", p)})
+    if cross:
+        width = cross[0]
+        family = _CROSS_ATTN_FAMILY.get(width, "unknown")
+        note = f" ({_KNOWN_WIDTHS[width]})" if width in _KNOWN_WIDTHS else ""
+        found = family, f"cross-attention input width {width}{note}"
+    elif any(p.startswith("text_encoder_2.") for p in groups) or any(k.startswith("lora_te1_") for k in keys):
+        found = "sdxl", "two text encoders"
+    elif any(is_sgm_name(k.partition(".")[0]) for k in keys):
+        found = "sdxl", "SGM UNet names (kohya SDXL)"
+    else:
+        te = sorted({s[1] for p, s in dims.items() if re.fullmatch(r"text_encoder\..*self_attn\.[qkv]_proj", p)})
+        unet = {p: s for p, s in dims.items() if p.startswith("unet.")}
+        if te:
+            width = te[0]
+            note = f" ({_KNOWN_WIDTHS[width]})" if width in _KNOWN_WIDTHS else ""
+            found = _TEXT_WIDTH_FAMILY.get(width, "unknown"), f"text-encoder width {width}{note}"
+        elif any(re.search(r"transformer_blocks\.[1-9]", p) for p in unet):
+            found = "sdxl", "several transformer blocks per attention (SDXL layout)"
+        elif widths := {s[1] for p, s in unet.items() if re.match(r"unet\.down_blocks\.0\.attentions\..*\.to_q$", p)}:
+            width = min(widths)
+            found = {320: "sd15", 32: "tinyworld"}.get(width, "unknown"), f"first attention width {width}"
+
+    meta = _metadata_family(metadata)
+    warnings = []
+    if found is None:
+        return (*meta, []) if meta else ("unknown", "no decisive module or metadata", [])
+    if meta and meta[0] != found[0]:
+        warnings.append(f"tensors say {found[0]} ({found[1]}) but {meta[1]}; trusting the tensors")
+    return found[0], found[1], warnings
+
+
+def detect_family(shapes: Mapping[str, Sequence[int]], metadata: Mapping[str, str] | None = None) -> str:
+    """``sd15``, ``sdxl``, ``tinyworld`` or ``unknown`` from tensor names -> shapes and metadata.
+
+    Decisive: the input width of cross-attention k/v (768 sd15, 2048 sdxl, 128 tinyworld), a second text
+    encoder or SGM UNet names (sdxl), the text-encoder width; then ``ss_base_model_version`` and
+    ``modelspec.architecture``.
+    """
+    return family_evidence(shapes, metadata)[0]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading
+
+
+def load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if is_pickle(path):
+        if not allow_pickle:
+            raise PickleRefusedError(
+                path,
+                "pickled checkpoint: loading it could run arbitrary code",
+                "convert it to .safetensors, or pass allow_pickle=True if you trust where it came from",
+            )
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch.load raises many unrelated types for corrupt input
+            raise CorruptFileError(path, f"cannot unpickle the checkpoint ({type(e).__name__})", REEXPORT_FIX) from None
+        if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise UnknownFormatError(path, "the checkpoint is not a flat dict of tensors", "save a LoRA state dict")
+        return {str(k): v for k, v in obj.items()}, {}
+    header = read_header(path)
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type, OSError or RuntimeError for bad data
+        raise CorruptFileError(path, f"cannot load the tensors ({e})", REEXPORT_FIX) from None
+    return tensors, header.metadata
+
+
+def adapter_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, dict]:
+    """PEFT LoraConfig kwargs per component from diffusers' ``lora_adapter_metadata``."""
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    if raw is None:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        raise CorruptFileError(path, f"metadata {ADAPTER_METADATA_KEY} is not valid JSON", REEXPORT_FIX) from None
+    if not isinstance(flat, dict):
+        raise CorruptFileError(path, f"metadata {ADAPTER_METADATA_KEY} is not a JSON object", REEXPORT_FIX)
+    configs: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, name = key.partition(".")
+        configs.setdefault(component, {})[name] = value
+    return configs
+
+
+def _pattern_value(patterns: Mapping[str, float], module: str) -> float | None:
+    """A rank/alpha pattern's value for a module: PEFT matches the pattern against a dotted suffix of the name.
+
+    Patterns are compared literally (diffusers writes plain module names): a regex from an untrusted file
+    could take forever to match.
+    """
+    for pattern, value in patterns.items():
+        if module == pattern or module.endswith(f".{pattern}"):
+            return value
+    return None
+
+
+def peft_alpha(config: Mapping, module: str, rank: int) -> float | None:
+    patterns = config.get("alpha_pattern")
+    alpha = _pattern_value(patterns, module) if isinstance(patterns, dict) else None
+    alpha = config.get("lora_alpha") if alpha is None else alpha
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return None
+    return float(alpha) * math.sqrt(rank) if config.get("use_rslora") else float(alpha)
+
+
+def _build_module(path: Path, name: str, group: KeyGroup, tensors: Mapping[str, torch.Tensor], fmt: str,
+                  config: Mapping) -> ModuleLoRA:
+    factors = {f: tensors[k] for f, k in group.keys.items() if f not in ("alpha", "dora_scale")}
+    if not factors:
+        raise CorruptFileError(path, f"module {name} has an alpha or DoRA scale but no LoRA factors", REEXPORT_FIX)
+    kind = group.module_kind({k: tensors[k].shape for k in group.keys.values()})
+    alpha = None
+    if "alpha" in group.keys:
+        t = tensors[group.keys["alpha"]]
+        if t.numel() != 1 or t.dtype.is_complex or t.dtype == torch.bool:
+            raise CorruptFileError(path, f"module {name}: alpha must be a single number", REEXPORT_FIX)
+        alpha = float(t.reshape(()).item())
+    dora = tensors.get(group.keys.get("dora_scale", ""))
+    try:
+        if fmt != "kohya" and "alpha" not in group.keys and kind in ("lora", "locon"):
+            rank = factors["down"].shape[0] if "down" in factors else 1
+            alpha = peft_alpha(config, name.split(".", 1)[1], rank)
+        if dora is not None and fmt != "kohya":
+            out = factors["up"].shape[0] if "up" in factors else dora.numel()
+            ndim = factors["down"].dim() if "down" in factors else 2
+            if dora.numel() != out:
+                raise ValueError(f"DoRA magnitude {tuple(dora.shape)} does not match {out} outputs")
+            dora = dora.reshape(out, *[1] * (ndim - 1))  # PEFT: (out,) or (1, out, 1, 1) -> (out, 1, ...)
+        module = ModuleLoRA(kind, factors, alpha, dora)
+    except ValueError as e:
+        raise CorruptFileError(path, f"module {name}: {e}", REEXPORT_FIX) from None
+    if alpha is not None and not math.isfinite(alpha):
+        raise NonFiniteError(path, f"module {name}: alpha is {alpha}", REEXPORT_FIX)
+    return module
+
+
+def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t.float()).all()]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(path, f"NaN or Inf values in {shown}", "the training diverged; use an earlier checkpoint")
+
+
+def _check_base(path: Path, lora: LoRA, family: str | None, base_shapes: Mapping[str, Sequence[int]] | None,
+                evidence: str) -> None:
+    if family and lora.family not in ("unknown", family):
+        raise FamilyMismatchError(
+            path,
+            f"this LoRA is for {lora.family} ({evidence}) but the base model is {family}",
+            f"pick a {family} LoRA, or switch the base model to {lora.family}",
+        )
+    if base_shapes is None:
+        return
+    problems = []
+    for name, module in lora.modules.items():
+        want = base_shapes.get(name)
+        got = module.shape
+        if want is None:
+            problems.append(f"{name} (not in the base model)")
+        elif math.prod(want) != math.prod(got) or want[0] != got[0] or (len(want) == len(got) and tuple(want) != got):
+            problems.append(f"{name} (ΔW {got}, base weight {tuple(want)})")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ShapeMismatchError(
+            path, f"{len(problems)} module(s) do not fit the base model: {shown}",
+            "use a LoRA trained for this base model (check its family and version)",
+        )
+
+
+def read_lora(
+    path: str | Path,
+    *,
+    family: str | None = None,
+    base_shapes: Mapping[str, Sequence[int]] | None = None,
+    allow_pickle: bool = False,
+) -> LoRA:
+    """Read any supported LoRA file into a canonical `LoRA`; every problem raises a `LoRAFileError`.
+
+    `family` and `base_shapes` (see `module_shapes`) check the file against the base model it will be used with.
+    Pickled checkpoints are refused unless `allow_pickle`, then loaded with ``torch.load(weights_only=True)``.
+    """
+    if family is not None and family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    path = Path(path)
+    tensors, metadata = load_tensors(path, allow_pickle)
+    fmt = detect_format(tensors, metadata)
+    if fmt == "unknown":
+        raise no_lora_error(path)
+    groups, unknown = group_keys(tensors, fmt)
+    if unknown:
+        raise UnknownFormatError(path, unsupported_reason(unknown), "convert it to a plain LoRA, LoCon, LoHa or LoKr")
+    if not groups:
+        raise UnknownFormatError(path, "the file holds no LoRA modules", "check that this is the file you meant")
+    _check_finite(path, tensors)
+    configs = adapter_configs(path, metadata) if fmt == "diffusers" else {}
+    modules = {
+        name: _build_module(path, name, group, tensors, fmt, configs.get(name.split(".", 1)[0], {}))
+        for name, group in sorted(groups.items())
+    }
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    detected, evidence, _ = family_evidence(shapes, metadata)
+    kept = {k: v for k, v in metadata.items() if k != ADAPTER_METADATA_KEY and (k, v) != ("format", "pt")}
+    lora = LoRA(modules=modules, family=detected, metadata=kept, source_format=fmt)
+    _check_base(path, lora, family, base_shapes, evidence)
+    return lora
+
+
+# --------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _kohya_state_dict(lora: LoRA) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, module in lora.modules.items():
+        try:
+            key = path_to_kohya(name, lora.family)
+        except ValueError as e:
+            raise ValueError(f"cannot write {name} in kohya format: {e}") from None
+        table = {"lora": _KOHYA_FACTOR_KEYS, "locon": _KOHYA_FACTOR_KEYS, "loha": _LOHA_KEYS, "lokr": _LOKR_KEYS}
+        for factor, tensor in module.factors.items():
+            out[f"{key}.{table[module.kind][factor]}"] = tensor
+        if module.alpha is not None:
+            dtype = next(iter(module.factors.values())).dtype
+            out[f"{key}.alpha"] = torch.tensor(module.alpha, dtype=dtype)
+        if module.dora_scale is not None:
+            out[f"{key}.dora_scale"] = module.dora_scale
+    return out
+
+
+def _diffusers_state_dict(lora: LoRA) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    out, per_component = {}, {}
+    for name, module in lora.modules.items():
+        if module.kind not in ("lora", "locon") or "mid" in module.factors:
+            kind = "Tucker LoCon" if module.kind == "locon" else module.kind
+            raise ValueError(f"{name} is a {kind} module, which diffusers cannot load; write format='kohya'")
+        out[f"{name}.lora_A.weight"] = module.factors["down"]
+        out[f"{name}.lora_B.weight"] = module.factors["up"]
+        if module.dora_scale is not None:
+            if not module.dora_on_output:
+                raise ValueError(f"{name} has a LyCORIS input-axis DoRA scale, unknown to PEFT; use format='kohya'")
+            out_dim = module.shape[0]
+            shape = (out_dim,) if len(module.shape) == 2 else (1, out_dim, *[1] * (len(module.shape) - 2))
+            out[f"{name}.lora_magnitude_vector.weight"] = module.dora_scale.reshape(shape)
+        component, path = name.split(".", 1)
+        per_component.setdefault(component, {})[path] = module
+    for component, modules in per_component.items():
+        if len({m.dora_scale is None for m in modules.values()}) > 1:
+            raise ValueError(f"{component} mixes DoRA and plain modules, unlike a PEFT config; write format='kohya'")
+    return out, {c: _peft_config(mods) for c, mods in per_component.items()}
+
+
+def _peft_config(modules: Mapping[str, ModuleLoRA]) -> dict:
+    """LoraConfig kwargs reproducing each module's rank and alpha (most common values + patterns).
+
+    Names drop CLIP's ``text_model.`` level: PEFT matches them as suffixes, so they fit transformers 4 and 5.
+    """
+    modules = {p.removeprefix("text_model."): m for p, m in modules.items()}
+    ranks = {p: m.rank for p, m in modules.items()}
+    alphas = {p: m.alpha if m.alpha else float(m.rank) for p, m in modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "rank_pattern": {p: v for p, v in ranks.items() if v != r},
+        "alpha_pattern": {p: v for p, v in alphas.items() if v != alpha},
+        "target_modules": sorted(modules),
+        "use_dora": any(m.dora_scale is not None for m in modules.values()),
+    }
+
+
+def write_lora(lora: LoRA, path: str | Path, format: str = "kohya") -> Path:
+    """Write `lora` as a safetensors file in ``kohya`` (A1111/LyCORIS) or ``diffusers`` (PEFT) format.
+
+    Kohya files of SDXL LoRAs use SGM UNet names and ``lora_te1_``/``lora_te2_``, as sd-scripts writes them.
+    Diffusers files carry each module's alpha in ``lora_adapter_metadata``, so ``pipe.load_lora_weights``
+    applies the same ΔW; LoHa, LoKr, Tucker LoCon and input-axis DoRA need ``kohya``.
+    """
+    path = Path(path)
+    metadata = dict(lora.metadata)
+    if format == "kohya":
+        tensors = _kohya_state_dict(lora)
+    elif format == "diffusers":
+        tensors, configs = _diffusers_state_dict(lora)
+        flat = {f"{c}.{k}": v for c, config in configs.items() for k, v in config.items()}
+        metadata[ADAPTER_METADATA_KEY] = json.dumps(flat, indent=2, sort_keys=True)
+        metadata.setdefault("format", "pt")
+    else:
+        raise ValueError(f"unknown format {format!r}; use 'kohya' or 'diffusers'")
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -1,0 +1,93 @@
+"""Write `assets/TINYWORLD.md`: training time per component, parameter counts, file sizes, seconds per image.
+
+    python -m studio.tinyworld.report
+
+Every number is read from the training logs the scripts wrote beside the assets, from the files themselves,
+or measured here (seconds per image).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+ASSETS = ROOT / "assets"
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def seconds_per_image(n: int = 16, steps: int = 25) -> float:
+    import torch
+
+    from ..api import Studio
+
+    studio = Studio(device="cpu")
+    studio.generate("a red star on a black background", n=2, steps=steps)  # warm-up
+    t0 = time.time()
+    studio.generate("a blue circle on a white background", n=n, steps=steps, batch_size=n)
+    return (time.time() - t0) / n, torch.get_num_threads()
+
+
+def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench.machine import machine
+
+    tw = ASSETS / "tinyworld"
+    vae = json.loads((tw / "vae" / "training.json").read_text())
+    base = json.loads((tw / "training.json").read_text())
+    judge = json.loads((ASSETS / "judge" / "accuracy.json").read_text())
+    spi, threads = seconds_per_image()
+    m = machine()
+    rows = [
+        ("VAE (AutoencoderKL)", vae["params"], vae["train_seconds"], f"{vae['steps']} steps × 32",
+         _size(tw / "vae"), f"PSNR {vae['psnr_base_renders_db']} dB on held-out base renders"),
+        ("UNet (UNet2DConditionModel)", base["unet_params"], base["train_seconds"],
+         f"{base['steps']} steps × {base['batch']}", _size(tw / "unet"), "trained jointly with the text encoder"),
+        ("Text encoder (CLIPTextModel)", base["text_encoder_params"], None, "(joint)", _size(tw / "text_encoder"),
+         "49 408-token embedding: most parameters are the vocabulary table"),
+        ("Tokenizer (CLIPTokenizer)", 0, 0, "built offline", _size(tw / "tokenizer"), "ids equal open_clip's"),
+        ("Judge (CNN)", judge["params"], judge["train_seconds"], f"{judge['steps']} steps × 64",
+         _size(ASSETS / "judge"), "min held-out accuracy " + f"{min(judge['accuracy'].values()):.4f}"),
+    ]
+    lines = [
+        "# TinyWorld assets",
+        "",
+        "Written by `python -m studio.tinyworld.report` from the training logs beside the assets.",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m.get('torch')} (training used 2 threads on that CPU, no GPU).",
+        "",
+        "| component | parameters | training time | schedule | files | note |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for name, params, secs, sched, size, note in rows:
+        t = "—" if secs is None else (f"{secs / 60:.1f} min" if secs else "0")
+        lines.append(f"| {name} | {params:,} | {t} | {sched} | {_mb(size)} | {note} |")
+    lines += [
+        "",
+        f"All of `assets/`: {_mb(_size(ASSETS))} (limit 60 MB).",
+        "",
+        f"Sampling on CPU ({threads} threads, DPM-Solver++ 25 steps, CFG 7, batch 16): "
+        f"**{spi:.3f} s per image** at 64×64.",
+        "",
+        "## Judge accuracy on held-out renders",
+        "",
+        "| head | accuracy |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v:.4f} |" for k, v in judge["accuracy"].items()]
+    lines += ["", f"({judge['heldout_renders']} held-out renders; trained on {judge['train_renders']} renders, "
+                  "never on generated images.)", ""]
+    (ASSETS / "TINYWORLD.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

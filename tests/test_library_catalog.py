@@ -1,0 +1,209 @@
+"""The SQLite LoRA catalog: indexing, sidecars, duplicates, quarantine, incremental rescans, SIGKILL safety."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from library_fixtures import small_kohya_file, write_diffusers, write_kohya
+from studio.library.catalog import Catalog, file_hashes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def check_consistent(db_path: Path) -> sqlite3.Connection:
+    """Integrity check plus the catalog's own invariants; returns an open connection."""
+    db = sqlite3.connect(db_path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    rows = db.execute("SELECT id, status, duplicate_of, tensor_hash, file_sha256, family, n_modules, reason, fix,"
+                      " trigger_words, metadata FROM loras").fetchall()
+    by_id = {r[0]: r for r in rows}
+    for id_, status, dup, thash, sha, family, n, reason, fix, triggers, metadata in rows:
+        assert len(sha) == 64 and isinstance(json.loads(triggers), list) and isinstance(json.loads(metadata), dict)
+        if status == "quarantined":
+            assert reason and fix and thash is None
+        else:
+            assert thash and family and n > 0 and reason is None
+            if status == "duplicate":
+                original = by_id[dup]
+                assert original[1] == "ok" and original[3] == thash and original[0] < id_
+            else:
+                assert dup is None
+    originals = db.execute("SELECT tensor_hash, COUNT(*) FROM loras WHERE status = 'ok' GROUP BY tensor_hash").fetchall()
+    assert all(count == 1 for _, count in originals)
+    return db
+
+
+@pytest.fixture
+def library(tmp_path):
+    lib = tmp_path / "loras"
+    (lib / "styles").mkdir(parents=True)
+    write_kohya(lib / "styles" / "zqx.safetensors", "tinyworld", seed=1)
+    (lib / "styles" / "zqx.civitai.info").write_text(json.dumps({
+        "trainedWords": ["zqx", "glowing, neon"], "baseModel": "SD 1.5", "description": "<p>Version notes</p>",
+        "model": {"name": "ZQX Neon", "description": "<p>A <b>neon</b> style</p>", "tags": ["style", {"name": "neon"}]},
+        "images": [{"url": "x"}],
+    }))
+    (lib / "styles" / "zqx.preview.png").write_bytes(b"\x89PNG fake")
+    write_diffusers(lib / "sd15_diffusers.safetensors", "sd15", seed=2)
+    (lib / "sd15_diffusers.json").write_text(json.dumps({"description": "A1111 note", "activation text": "foo bar, baz",
+                                                         "sd version": "SD1"}))
+    write_kohya(lib / "xl.safetensors", "sdxl", seed=3)
+    # same tensors, different metadata: a duplicate by tensor hash, not by file hash
+    write_kohya(lib / "copy_of_zqx.safetensors", "tinyworld", seed=1, metadata={"ss_output_name": "renamed"})
+    data = (lib / "xl.safetensors").read_bytes()
+    (lib / "truncated.safetensors").write_bytes(data[: len(data) // 3])
+    sd = write_kohya(lib / "nan.safetensors", "tinyworld", seed=4)
+    key = sorted(sd)[0]
+    sd[key] = sd[key].clone()
+    sd[key].view(-1)[0] = float("nan")
+    save_file(sd, lib / "nan.safetensors")
+    torch.save({"a": torch.zeros(2)}, lib / "pickled.pt")
+    return lib
+
+
+def test_scan_indexes_everything(tmp_path, library):
+    with Catalog(tmp_path / "catalog.db") as catalog:
+        report = catalog.scan(library)
+        assert len(report.added) == 7 and len(report.quarantined) == 3 and len(report.duplicates) == 1
+        assert report.duplicates == ["zqx.safetensors has the same tensors as copy_of_zqx.safetensors"]
+        text = str(report)
+        for name in ("truncated.safetensors", "nan.safetensors", "pickled.pt"):
+            assert name in text
+        assert "7 added" in text and "3 quarantined" in text
+
+        zqx = catalog.get("zqx")
+        assert zqx.status == "duplicate" and zqx.family == "tinyworld" and zqx.format == "kohya"
+        assert zqx.kinds == ["locon", "lora"] and zqx.ranks == [2, 4] and zqx.n_modules > 100
+        assert zqx.components["text_encoder"] == 16
+        assert zqx.trigger_words[:5] == ["zqx style", "blue glow", "zqx", "glowing", "neon"]
+        assert zqx.alias == "test_lora" and zqx.tags == ["style", "neon"] and zqx.description == "A neon style"
+        assert zqx.preview == library / "styles" / "zqx.preview.png"
+        assert zqx.sidecar["civitai"]["baseModel"] == "SD 1.5" and "images" not in zqx.sidecar["civitai"]
+        assert "sidecar files say sd15 but the tensors say tinyworld" in zqx.warnings
+        sha, thash = file_hashes(zqx.path)
+        assert (zqx.file_sha256, zqx.tensor_hash) == (sha, thash) and sha != thash
+
+        copy = catalog.get("copy_of_zqx")  # scanned first, so the original
+        assert copy.status == "ok" and zqx.duplicate_of == copy.id and copy.tensor_hash == zqx.tensor_hash
+        assert copy.file_sha256 != zqx.file_sha256 and catalog.get("renamed").id == copy.id
+
+        sd15 = catalog.get("sd15_diffusers")
+        assert sd15.family == "sd15" and sd15.format == "diffusers" and sd15.description == "A1111 note"
+        assert sd15.trigger_words == ["foo bar", "baz"]
+        assert catalog.get("xl").family == "sdxl" and catalog.get("xl").components["text_encoder_2"] == 2
+
+        bad = {e.path.name: e for e in catalog.quarantined()}
+        assert set(bad) == {"truncated.safetensors", "nan.safetensors", "pickled.pt"}
+        assert "truncated" in bad["truncated.safetensors"].reason and "NaN" in bad["nan.safetensors"].reason
+        assert "pickle" in bad["pickled.pt"].reason and bad["pickled.pt"].fix
+        assert "nan.safetensors" in bad["nan.safetensors"].one_line()
+        assert [e.name for e in catalog.all()] == ["copy_of_zqx", "sd15_diffusers", "xl", "zqx"]
+
+        lora = catalog.load("zqx")
+        assert lora.family == "tinyworld" and len(lora.modules) == zqx.n_modules
+        assert catalog.get(zqx.id).path == zqx.path and catalog.get(str(zqx.path)).id == zqx.id
+        with pytest.raises(KeyError, match="did you mean zqx"):
+            catalog.get("zqy")
+        with pytest.raises(KeyError, match="quarantined"):
+            catalog.get("nan")
+    db = check_consistent(tmp_path / "catalog.db")
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_rescans_are_incremental(tmp_path, library):
+    catalog = Catalog(tmp_path / "catalog.db")
+    catalog.scan(library)
+    again = catalog.scan(library)
+    assert again.unchanged == 7 and not (again.added or again.updated or again.removed or again.quarantined)
+
+    zqx = library / "styles" / "zqx.safetensors"
+    os.utime(zqx, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched, same content
+    assert catalog.scan(library).unchanged == 7
+
+    (library / "styles" / "zqx.json").write_text(json.dumps({"activation text": "new words"}))
+    report = catalog.scan(library)
+    assert report.updated == [str(zqx)] and "new words" in catalog.get("zqx").trigger_words
+
+    small_kohya_file(library / "xl.safetensors", seed=9)  # replaced content
+    report = catalog.scan(library)
+    assert report.updated == [str(library / "xl.safetensors")] and catalog.get("xl").family == "tinyworld"
+
+    copy = library / "copy_of_zqx.safetensors"
+    copy_id = catalog.get("copy_of_zqx").id
+    assert catalog.get("zqx").duplicate_of == copy_id
+    copy.unlink()  # the original goes: its duplicate takes over
+    report = catalog.scan(library)
+    assert report.removed == [str(copy)]
+    with pytest.raises(KeyError):
+        catalog.get(copy_id)
+    assert catalog.get("zqx").status == "ok" and catalog.get("zqx").duplicate_of is None
+
+    data = (library / "nan.safetensors").read_bytes()  # a fixed file leaves quarantine
+    write_kohya(library / "nan.safetensors", "tinyworld", seed=4)
+    assert (library / "nan.safetensors").read_bytes() != data
+    catalog.scan(library)
+    assert catalog.get("nan").status == "ok"
+    catalog.close()
+    check_consistent(tmp_path / "catalog.db")
+
+
+def _rows(db_path: Path) -> int:
+    if not db_path.exists():
+        return 0
+    try:
+        with sqlite3.connect(db_path, timeout=30) as db:
+            return db.execute("SELECT COUNT(*) FROM loras").fetchone()[0]
+    except sqlite3.OperationalError:  # tables not created yet
+        return 0
+
+
+def test_scan_survives_sigkill(tmp_path):
+    lib = tmp_path / "many"
+    lib.mkdir()
+    for i in range(200):
+        name = lib / f"lora_{i:03d}.safetensors"
+        if i % 25 == 7:
+            name.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+        elif i % 40 == 11:
+            shutil.copy(lib / f"lora_{i - 1:03d}.safetensors", name)
+        else:
+            small_kohya_file(name, seed=i)
+    db_path = tmp_path / "catalog.db"
+    script = "import sys; from studio.library.catalog import Catalog; Catalog(sys.argv[1]).scan(sys.argv[2])"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    rng = random.Random(1234)
+    counts = [0]
+    for run in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(db_path), str(lib)], env=env)
+        if run == 0:  # a random moment of start-up: import, schema creation or the first file
+            deadline = time.monotonic() + rng.uniform(0, 2.0)
+            target = 1
+        else:  # once this run has indexed a random number of further files
+            deadline = time.monotonic() + 60
+            target = rng.randint(counts[-1] + 1, max(counts[-1] + 1, counts[-1] + (200 - counts[-1]) // 2))
+        while proc.poll() is None and time.monotonic() < deadline and _rows(db_path) < target:
+            time.sleep(0.002)
+        proc.kill()  # SIGKILL
+        proc.wait()
+        if db_path.exists():
+            check_consistent(db_path).close()
+        counts.append(_rows(db_path))
+    assert counts == sorted(counts) and any(0 < c < 200 for c in counts), counts
+    with Catalog(db_path) as catalog:
+        report = catalog.scan(lib)
+        assert report.unchanged == counts[-1] and len(report.added) == 200 - counts[-1] and counts[-1] < 200
+        assert len(catalog.all()) == 192 and len(catalog.quarantined()) == 8
+        assert sum(e.status == "duplicate" for e in catalog.all()) == 5
+    check_consistent(db_path)
