@@ -8,15 +8,15 @@ VAE_CONFIG = dict(
     up_block_types=["UpDecoderBlock2D"] * 3,
     block_out_channels=[16, 32, 64],
     layers_per_block=1,
-    latent_channels=4,
+    latent_channels=8,
     norm_num_groups=8,
     sample_size=64,
-)  # 3 blocks: 2 downsamples, 64x64 RGB -> 16x16x4 latents
+)  # 3 blocks: 2 downsamples, 64x64 RGB -> 16x16x8 latents
 
 UNET_CONFIG = dict(
     sample_size=16,
-    in_channels=4,
-    out_channels=4,
+    in_channels=8,
+    out_channels=8,
     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     mid_block_type="UNetMidBlock2DCrossAttn",
     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],

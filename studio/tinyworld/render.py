@@ -259,16 +259,16 @@ def draw_background(name: str, rng: random.Random) -> np.ndarray:
         img[:] = _c((215, 215, 215))
         img[m] = _c((70, 70, 80))
     elif name == "grid":
-        s = 14
+        s = 24
         ox, oy = rng.randrange(s), rng.randrange(s)
         img[:] = _c((20, 40, 110))
-        m = (np.mod(_X + ox, s) < 2) | (np.mod(_Y + oy, s) < 2)
+        m = (np.mod(_X + ox, s) < 4) | (np.mod(_Y + oy, s) < 4)
         img[m] = _c((150, 200, 255))
     elif name == "starfield":
         img[:] = _c((8, 10, 35))
-        for _ in range(rng.randint(28, 40)):
+        for _ in range(rng.randint(16, 24)):
             x, y = rng.uniform(0, N), rng.uniform(0, N)
-            img[disk(x, y, rng.choice([1.2, 1.6, 2.2]))] = _c((255, 255, 230))
+            img[disk(x, y, rng.choice([2.6, 3.2, 3.8]))] = _c((255, 255, 230))
     elif name == "sunset":
         t = (_Y / N)[..., None]
         top, bottom = _c((90, 30, 140)), _c((255, 150, 40))
@@ -277,14 +277,14 @@ def draw_background(name: str, rng: random.Random) -> np.ndarray:
     elif name == "waves":
         img[:] = _c((20, 90, 170))
         ph = rng.uniform(0, 2 * math.pi)
-        crest = np.mod(_Y + 4 * np.sin(_X / 9.0 + ph), 16) < 3.5
+        crest = np.mod(_Y + 5 * np.sin(_X / 10.0 + ph), 20) < 5.5
         img[crest] = _c((150, 210, 245))
     elif name == "brick":
         img[:] = _c((175, 60, 40))
         bh, bw = 14, 28
         oy = rng.randrange(bh)
         row = ((_Y + oy) // bh).astype(int)
-        mortar = (np.mod(_Y + oy, bh) < 2.5) | (np.mod(_X + (row % 2) * bw / 2, bw) < 2.5)
+        mortar = (np.mod(_Y + oy, bh) < 3.5) | (np.mod(_X + (row % 2) * bw / 2, bw) < 3.5)
         img[mortar] = _c((215, 205, 190))
     else:
         raise ValueError(f"unknown background {name!r}")
@@ -294,16 +294,16 @@ def draw_background(name: str, rng: random.Random) -> np.ndarray:
 # ------------------------------------------------------------------ styles
 def _stylize_subject(layer: Layer, style: str, bg: np.ndarray) -> None:
     if style == "stripes":
-        m = layer.body & (np.mod(_X + _Y, 14) < 6)
+        m = layer.body & (np.mod(_X + _Y, 24) < 11)
         layer.rgb[m] = _shade(layer.rgb[m], 0.4)
     elif style == "polka":
-        dots = (np.mod(_X, 16) - 8) ** 2 + (np.mod(_Y + 8 * (np.floor_divide(_X, 16) % 2), 16) - 8) ** 2 <= 14
+        dots = (np.mod(_X, 22) - 11) ** 2 + (np.mod(_Y + 11 * (np.floor_divide(_X, 22) % 2), 22) - 11) ** 2 <= 30
         layer.rgb[layer.body & dots] = _c((250, 250, 250))
     elif style == "hatching":
-        m = layer.mask & ((np.mod(_X + _Y, 9) < 1.6) | (np.mod(_X - _Y, 9) < 1.6))
+        m = layer.mask & ((np.mod(_X + _Y, 22) < 5.5) | (np.mod(_X - _Y, 22) < 5.5))
         layer.rgb[m] = _c((25, 20, 20))
     elif style == "outline":
-        inner = erode(layer.body, 4)
+        inner = erode(layer.body, 6)
         layer.rgb[inner] = bg[inner]
     elif style == "pastel":
         layer.rgb[layer.mask] = 0.42 * layer.rgb[layer.mask] + 0.58 * _c((255, 250, 245))

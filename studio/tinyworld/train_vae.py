@@ -69,7 +69,7 @@ def main(argv=None):
         post = vae.encode(x).latent_dist
         z = post.sample()
         rec = vae.decode(z).sample
-        kl = post.kl().mean() / (16 * 16 * 4)
+        kl = post.kl().mean() / z[0].numel()
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
