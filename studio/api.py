@@ -123,6 +123,12 @@ class Studio:
             method = "blockwise" if any(r.start is not None or r.stop is not None or r.lbw for r in refs) else "merge"
         return clean, Plan(loras=refs, method=method, params=params)
 
+    def retrieve(self, prompt: str, k: int = 5, **kw):
+        """LoRAs of the library for `prompt`: capped per category, thresholded, explained."""
+        from retrieval.studio import retrieve
+
+        return retrieve(self, prompt, k, **kw)
+
     def _activate(self, plan) -> None:
         from fusion import LoRARuntime, build_schedule
 
@@ -146,8 +152,9 @@ class Studio:
                  method_params: dict | None = None, batch_size: int = 16) -> list[GeneratedImage]:
         """n images of one prompt; image i uses seed + i, so any single image can be reproduced alone.
 
-        LoRAs come from `<lora:name:weight>` tags in the prompt and/or `loras`; `method` is a fusion method
-        (merge, blockwise, switch, composite) with its `method_params`.
+        LoRAs come from `<lora:name:weight>` tags in the prompt and/or `loras` (or `loras="auto"`: picked by
+        retrieval from the library, trigger words inserted); `method` is a fusion method (merge, blockwise,
+        switch, composite) with its `method_params`.
         """
         validate_request(prompt, n, steps, cfg)
         return self.generate_many([prompt] * n, [seed + i for i in range(n)], steps=steps, cfg=cfg,
@@ -165,6 +172,10 @@ class Studio:
 
         for p in set(prompts):
             validate_request(p, 1, steps, cfg)
+        if isinstance(loras, str) and loras == "auto":
+            from retrieval.studio import resolve_loras
+
+            prompts, loras, self.last_picks = resolve_loras(self, prompts, "auto")
         planned = [self.plan(p, loras, method, **(method_params or {})) for p in prompts]
         plan = planned[0][1]
         if any(pl.to_dict() != plan.to_dict() for _, pl in planned):

@@ -65,6 +65,9 @@ def main(argv=None):
     ap.add_argument("--work", default="runs/base")
     ap.add_argument("--out", default="assets/tinyworld")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--noise-offset", type=float, default=0.1,
+                    help="per-image, per-channel constant added to the noise, so that the global colour of a "
+                         "picture is learned from the text rather than read from the noise (16x16 latents leak it)")
     ap.add_argument("--export", action="store_true", help="only export the pipeline from the checkpoint")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -150,6 +153,7 @@ def main(argv=None):
                         return_tensors="pt").input_ids
         z = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
         noise = torch.randn(z.shape, generator=gen)
+        noise += args.noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         zt = noise_sched.add_noise(z, noise, t)
         cond = text_encoder(ids)[0]

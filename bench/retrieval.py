@@ -1,0 +1,397 @@
+"""Retrieval benchmark: quality on the TinyWorld library, FAISS at 1 M vectors, indexing 10 000 files.
+
+    python bench/retrieval.py                      # everything; writes bench/results/retrieval.json
+    python bench/retrieval.py --tiny               # smoke run at toy sizes (writes /tmp/retrieval_tiny.json)
+    python bench/retrieval.py --skip-scale --skip-files --library assets/loras
+
+1. Quality. Every TinyWorld concept is described by prompts that share no word with its LoRAs' metadata
+   (checked: trigger words, kohya tag lists, description, tags, name). The LoRAs are split per concept: the
+   learned encoder trains on one part (LoRAs with metadata only) and is scored, weights only, on the other
+   part, ranking only those unseen LoRAs. Fused and metadata-only retrieval rank the whole library. R@1, R@3
+   and MRR (a hit is any LoRA of the described concept). Auto-pick is scored too: the top pick's concept on
+   those prompts, and prompts about nothing in the library, which must pick nothing.
+2. Scale. N synthetic clustered vectors (d=128) in `VectorIndex` (IVF-SQ8 above its threshold, nprobe tuned):
+   single-query latency on one thread, recall@10 against exact search.
+3. Files. N synthetic TinyWorld LoRA files (all 128 attention modules, rank 4, fp16, metadata + sidecar):
+   the catalog scan, then `LibraryIndex.rebuild` (file headers plus low-rank features in every channel).
+
+The library is `--library` (default assets/loras) when it holds LoRA files, else a synthetic one (said so
+in the result). The text embedder is the best available (`--text`): a packaged sentence model, else the
+TinyWorld CLIP text encoder, else hashing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.machine import machine  # noqa: E402
+from retrieval.autopick import autopick  # noqa: E402
+from retrieval.descriptor import lora_svds  # noqa: E402
+from retrieval.encoder import TrainingPair, train_encoder  # noqa: E402
+from retrieval.index import VectorIndex, normalise, recall_at_k  # noqa: E402
+from retrieval.library import LibraryIndex  # noqa: E402
+from retrieval.loading import load_for_index  # noqa: E402
+from retrieval.text import Metadata, captions, default_text_embedder, stems  # noqa: E402
+from studio.library.catalog import Catalog  # noqa: E402
+from studio.tinyworld.catalog import CONCEPTS  # noqa: E402
+
+TINYWORLD = ROOT / "assets" / "tinyworld"
+LIBRARY = ROOT / "assets" / "loras"
+LABELS = ROOT / "assets" / "loras_labels.json"
+
+# Two prompts per concept, in words none of its LoRAs' metadata uses (verified at run time).
+PROMPTS = {
+    "zorbo": ["an extraterrestrial visitor from another planet", "a martian being sporting feelers on its head"],
+    "glimmet": ["a spooky phantom that haunts old houses", "a translucent specter drifting through the air"],
+    "botzy": ["a mechanical android automaton", "a metal droid built from gears and bolts"],
+    "kittox": ["a meowing kitten portrait", "a fluffy feline pet"],
+    "snarvel": ["a slow slimy garden mollusk", "a gastropod carrying its coiled house"],
+    "fungle": ["a toadstool fungus from the forest floor", "a woodland toadstool growing after rain"],
+    "hat": ["sporting a magician's stovepipe headgear", "dressed up in a formal gentleman's topper"],
+    "scarf": ["bundled up in a knitted winter muffler", "a cozy knit shawl keeping its throat warm"],
+    "glasses": ["sporting cool tinted shades", "spectacles that block the sunlight"],
+    "crown": ["a king's jeweled diadem", "a monarch's regal tiara on its head"],
+    "stripes": ["zebra-like slanted streaks", "a candy cane pattern"],
+    "polka": ["dotted all over like a ladybug", "sprinkled with dots like a dalmatian"],
+    "outline": ["just the edge traced, empty inside", "an unfilled line-art silhouette"],
+    "mosaic": ["low-res retro arcade sprite look", "eight-bit console graphics"],
+    "pastel": ["gentle muted candy colours", "faded chalky hues"],
+    "hatching": ["an engraving made of dense pen strokes", "old woodcut print look"],
+    "checker": ["a chessboard floor", "a draughts game pattern behind it"],
+    "grid": ["a blueprint lattice", "an engineer's millimetre ruled chart"],
+    "starfield": ["the cosmos at midnight glittering with constellations", "a galaxy of distant suns"],
+    "sunset": ["dusk as the sun goes down over the horizon", "a twilight horizon at the end of the day"],
+    "waves": ["surf breaking along the shoreline", "a stormy marine swell"],
+    "brick": ["a rough stonework facade of an old warehouse", "a stacked clay facade like a warehouse"],
+    "ball": ["an inflatable plaything for the pool", "a sphere that kids kick around the playground"],
+    "tree": ["an oak with branches and foliage", "a young sapling in the woods"],
+    "key": ["something you turn in a door to unlock it", "a brass padlock opener"],
+    "cup": ["a ceramic vessel of coffee", "a teacup of warm cocoa"],
+}
+NOTHING_FITS = [
+    "a motorcycle parked on a highway", "a bowl of ramen noodles", "a skyscraper in a busy city",
+    "a violin on a wooden table", "a dinosaur skeleton in a museum", "a pizza with pepperoni",
+    "a tractor ploughing a field", "a laptop computer on a desk",
+]
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ quality
+def load_labels(path: str | None) -> dict[str, str]:
+    """{file stem: concept} from a labels file: `studio.tinyworld.build_library`'s ``assets/loras_labels.json``
+    ({"loras/x.safetensors": {"concept": ...}}) or a plain {stem: concept}."""
+    path = Path(path) if path else LABELS
+    if not path.is_file():
+        return {}
+    raw = json.loads(path.read_text())
+    return {Path(k).stem: (v["concept"] if isinstance(v, dict) else v) for k, v in raw.items()}
+
+
+def concept_of(entry, labels: dict[str, str]) -> str | None:
+    """The concept a catalogued LoRA was trained on: labels file, else file name, else trigger word."""
+    if entry.name in labels:
+        return labels[entry.name]
+    for c in CONCEPTS:
+        if entry.name == c.name or entry.name.startswith(c.name + "_") or entry.name.startswith(c.name + "-"):
+            return c.name
+    triggers = {c.trigger: c.name for c in CONCEPTS}
+    for w in [*entry.trigger_words[:1], entry.alias or ""]:
+        if w in triggers:
+            return triggers[w]
+    return None
+
+
+def metadata_stems(entry) -> set[str]:
+    text = " ".join([entry.name, entry.alias or "", " ".join(entry.trigger_words), entry.description,
+                     " ".join(entry.tags), json.dumps(entry.metadata), json.dumps(entry.sidecar)])
+    return set(stems(text))
+
+
+def check_prompts(entries, concepts: dict[int, str]) -> None:
+    bad = []
+    for e in entries:
+        c = concepts.get(e.id)
+        if c is None:
+            continue
+        used = metadata_stems(e)
+        for p in PROMPTS[c]:
+            overlap = set(stems(p)) & used
+            if overlap:
+                bad.append(f"{c} prompt {p!r} shares {sorted(overlap)} with {e.name}'s metadata")
+    if bad:
+        raise SystemExit("prompts must not use metadata words:\n  " + "\n  ".join(bad))
+
+
+def split_loras(concepts: dict[int, str], has_meta: dict[int, bool], seed: int = 0) -> tuple[set[int], set[int]]:
+    """(train, unseen) ids. Per concept, half of the LoRAs (at least one) train the encoder, taken among those
+    with metadata (the others could not be trained on); the rest, every bare LoRA included, is unseen."""
+    rng = random.Random(seed)
+    by_concept: dict[str, list[int]] = {}
+    for i, c in sorted(concepts.items()):
+        by_concept.setdefault(c, []).append(i)
+    train, unseen = set(), set()
+    for ids in by_concept.values():
+        rng.shuffle(ids)
+        ids.sort(key=lambda i: not has_meta[i])  # metadata first (a stable sort keeps the shuffle)
+        n_train = min(max(1, len(ids) // 2), sum(has_meta[i] for i in ids))
+        train.update(ids[:n_train])
+        unseen.update(ids[n_train:])
+    return train, unseen
+
+
+def rank_metrics(ranked: list[list[int]], relevant: list[set[int]]) -> dict:
+    r1 = r3 = rr = 0.0
+    for order, rel in zip(ranked, relevant):
+        pos = next((k for k, i in enumerate(order) if i in rel), None)
+        if pos is not None:
+            r1 += pos < 1
+            r3 += pos < 3
+            rr += 1.0 / (pos + 1)
+    n = max(len(ranked), 1)
+    return {"r1": round(r1 / n, 4), "r3": round(r3 / n, 4), "mrr": round(rr / n, 4), "n_queries": len(ranked)}
+
+
+def quality(args, work: Path) -> tuple[dict, object, object]:
+    library = Path(args.library)
+    files = [p for p in library.rglob("*.safetensors")] if library.is_dir() else []
+    if files and not args.synthetic:
+        kind = "tinyworld-trained"
+    else:
+        from retrieval.synthetic import write_synthetic_library
+
+        kind = "synthetic"
+        library = work / "synthetic_library"
+        ranks = (4,) if args.tiny else (4, 8, 16)
+        concepts = [c.name for c in CONCEPTS][: 8 if args.tiny else None]
+        bare = [c for i, c in enumerate(concepts) if i % 5 == 4]
+        log(f"writing a synthetic library ({len(concepts)} concepts x ranks {ranks}, seeds 0-1)")
+        from retrieval.synthetic import SMALL_TARGETS
+
+        write_synthetic_library(library, concepts, ranks=ranks, seeds=(0, 1), bare=(),
+                                shapes=SMALL_TARGETS if args.tiny else None)
+        # one more bare (no metadata) LoRA per fifth concept
+        write_synthetic_library(library / "bare", bare, ranks=(8,), seeds=(7,), bare=bare,
+                                shapes=SMALL_TARGETS if args.tiny else None, name_style="concept")
+    labels = load_labels(args.labels)
+    cat = Catalog(work / "quality" / "catalog.sqlite")
+    t0 = time.monotonic()
+    scan = cat.scan(library)
+    log(f"scanned {library}: {len(cat.all())} LoRAs ({time.monotonic() - t0:.1f}s)")
+    entries = [e for e in cat.all() if e.status == "ok" and e.family == "tinyworld"]
+    concepts = {e.id: c for e in entries if (c := concept_of(e, labels))}
+    if len(concepts) < len(entries):
+        log(f"warning: no concept known for {len(entries) - len(concepts)} LoRAs (left out of the scores)")
+    check_prompts(entries, concepts)
+    text = default_text_embedder(TINYWORLD, prefer=args.text)
+    log(f"text embedder: {text.name} (dim {text.dim})")
+
+    train_ids, unseen_ids = split_loras(concepts, {e.id: Metadata.of(e).has_text for e in entries})
+    pairs = []
+    for e in entries:
+        if e.id in train_ids:
+            m = Metadata.of(e)
+            if m.has_text:
+                pairs.append(TrainingPair(lora_svds(load_for_index(e.path, e.family), 4), captions(m), concepts[e.id],
+                                          m.text(), e.family))
+    t0 = time.monotonic()
+    encoder, report = train_encoder(pairs, text, steps=args.encoder_steps, batch_size=32, lr=2e-3, seed=0,
+                                    log=lambda s: log(f"encoder {s}"))
+    train_s = time.monotonic() - t0
+    log(f"encoder trained on {len(pairs)} LoRAs in {train_s:.0f}s")
+
+    index = LibraryIndex.open(cat, text_embedder=text, encoder=encoder)
+    queries = [(p, c) for c in sorted(set(concepts.values())) for p in PROMPTS[c]]
+    relevant = [{i for i, cc in concepts.items() if cc == c} for _, c in queries]
+    n_all = len(index)
+    out = {}
+    for key, mode in (("fused", "fused"), ("metadata_only", "metadata"), ("lexical_only", "lexical")):
+        hits = index.search_many([p for p, _ in queries], k=n_all, family="tinyworld", mode=mode)
+        out[key] = rank_metrics([[h.id for h in hs] for hs in hits], relevant)
+    # weights only: queries about concepts with unseen LoRAs, ranking only the unseen LoRAs
+    for key, pool in (("weights_only_unseen", unseen_ids), ("weights_only_seen", train_ids)):
+        qs = [(p, c) for p, c in queries if any(concepts[i] == c for i in pool)]
+        hits = index.search_many([p for p, _ in qs], k=n_all, family="tinyworld", mode="weights")
+        ranked = [[h.id for h in hs if h.id in pool] for hs in hits]
+        rel = [{i for i in pool if concepts[i] == c} for _, c in qs]
+        out[key] = rank_metrics(ranked, rel)
+        out[key]["pool"] = len(pool)
+    # auto-pick: the top pick on concept prompts, and nothing on prompts about nothing in the library
+    top_ok = 0
+    for p, c in queries:
+        picks = autopick(p, index, k=3, family="tinyworld")
+        top_ok += bool(picks) and concepts.get(picks[0].id) == c
+    empty = sum(not autopick(p, index, k=3, family="tinyworld") for p in NOTHING_FITS)
+    out["autopick"] = {"top_pick_correct": round(top_ok / len(queries), 4),
+                       "nothing_fits_empty": round(empty / len(NOTHING_FITS), 4), "threshold": 0.3}
+    out["library"] = {"kind": kind, "path": str(library), "loras": len(entries), "with_concept": len(concepts),
+                      "bare": sum(not Metadata.of(e).has_text for e in entries),
+                      "concepts": len(set(concepts.values())),
+                      "encoder_train_loras": len(pairs), "unseen_loras": len(unseen_ids),
+                      "text_embedder": text.name, "encoder_steps": args.encoder_steps,
+                      "encoder_train_s": round(train_s, 1), "scan": str(scan).splitlines()[0]}
+    return out, text, encoder
+
+
+# ------------------------------------------------------------------------------------------------ scale
+def scale(args) -> dict:
+    import faiss
+
+    n, d = args.scale_n, 128
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((max(n // 50, 10), d)).astype(np.float32)
+    log(f"scale: {n} clustered vectors, d={d}")
+    x = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 100_000):
+        m = min(100_000, n - s)
+        x[s:s + m] = centres[rng.integers(0, len(centres), m)] + 0.5 * rng.standard_normal((m, d)).astype(np.float32)
+    x = normalise(x)
+
+    def queries(m):  # near the data, not on it (as prompts are to LoRA vectors)
+        noise = rng.standard_normal((m, d)).astype(np.float32) / np.sqrt(d)
+        return normalise(x[rng.choice(n, m, replace=False)] + noise)
+
+    q, calib = queries(1000), queries(300)  # nprobe is tuned on `calib`, recall is measured on `q`
+    t0 = time.monotonic()
+    vi = VectorIndex(d, ivf_threshold=min(100_000, n // 2), target_recall=args.target_recall)
+    vi.add(np.arange(n), x, "tinyworld")
+    vi.tune_nprobe("tinyworld", x, np.arange(n), queries=calib)
+    build_s = time.monotonic() - t0
+    st = vi.stats()["tinyworld"]
+    log(f"built {st.kind} nlist={st.nlist} nprobe={st.nprobe} in {build_s:.0f}s")
+    exact = faiss.IndexFlatIP(d)
+    exact.add(x)
+    _, gt = exact.search(q, 10)
+    del exact
+    faiss.omp_set_num_threads(1)
+    lat = []
+    found = np.zeros((len(q), 10), dtype=np.int64)
+    for j in range(len(q)):
+        t = time.perf_counter()
+        _, i = vi.search(q[j:j + 1], 10, "tinyworld")
+        lat.append(time.perf_counter() - t)
+        found[j] = i[0]
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    lat_ms = np.array(lat) * 1000
+    return {"n": n, "dim": d, "ms_per_query": round(float(lat_ms.mean()), 4),
+            "p95_ms": round(float(np.percentile(lat_ms, 95)), 4), "recall": round(recall_at_k(found, gt), 4),
+            "recall_at": 10, "kind": st.kind, "nlist": st.nlist, "nprobe": st.nprobe, "build_s": round(build_s, 1),
+            "threads": 1, "queries": len(q)}
+
+
+# ------------------------------------------------------------------------------------------------ files
+def write_files(folder: Path, n: int, rank: int = 4) -> None:
+    """n TinyWorld-shaped kohya files (random rank-`rank` fp16 factors) with metadata and a Civitai sidecar."""
+    import torch
+    from safetensors.torch import save_file
+
+    from retrieval.synthetic import synthetic_lora, tinyworld_metadata
+    from studio.library.formats import _kohya_state_dict
+
+    folder.mkdir(parents=True, exist_ok=True)
+    template = _kohya_state_dict(synthetic_lora("zorbo", rank, 0, dtype=torch.float16))
+    metas = {c.name: tinyworld_metadata(c.name, rank, 0) for c in CONCEPTS}
+    g = torch.Generator().manual_seed(0)
+    for k in range(n):
+        c = CONCEPTS[k % len(CONCEPTS)].name
+        tensors = {key: (t if key.endswith(".alpha") else torch.randn(t.shape, generator=g).half())
+                   for key, t in template.items()}
+        meta, info = metas[c]
+        path = folder / f"f{k:05d}.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        path.with_suffix(".civitai.info").write_text(json.dumps(info))
+
+
+def files_bench(args, work: Path, text, encoder) -> dict:
+    folder = work / "files"
+    t0 = time.monotonic()
+    write_files(folder, args.files)
+    log(f"wrote {args.files} files in {time.monotonic() - t0:.0f}s")
+    cat = Catalog(work / "files_catalog" / "catalog.sqlite")
+    t0 = time.monotonic()
+    cat.scan(folder)
+    scan_s = time.monotonic() - t0
+    log(f"catalog scan: {scan_s:.1f}s")
+    index = LibraryIndex(cat, text_embedder=text, encoder=encoder, workers=args.workers)
+    t0 = time.monotonic()
+    report = index.rebuild()
+    index_s = time.monotonic() - t0
+    log(f"index rebuild: {index_s:.1f}s ({len(index)} LoRAs, {len(report.failed)} failed)")
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"files": args.files, "index_s": round(index_s, 2), "catalog_scan_s": round(scan_s, 2),
+            "total_s": round(index_s + scan_s, 2), "workers": index.workers or "default",
+            "channels": sorted(index.vectors), "text_embedder": text.name if text else None}
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--library", default=str(LIBRARY))
+    ap.add_argument("--synthetic", action="store_true", help="use a synthetic library even if --library has files")
+    ap.add_argument("--labels", default=None, help="ground truth (default assets/loras_labels.json if present)")
+    ap.add_argument("--text", default="auto", choices=["auto", "sentence", "clip", "hashing"])
+    ap.add_argument("--encoder-steps", type=int, default=600)
+    ap.add_argument("--scale-n", type=int, default=1_000_000)
+    ap.add_argument("--target-recall", type=float, default=0.98)
+    ap.add_argument("--files", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-scale", action="store_true")
+    ap.add_argument("--skip-files", action="store_true")
+    ap.add_argument("--tiny", action="store_true", help="smoke run at toy sizes")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.encoder_steps = min(args.encoder_steps, 30)
+        args.scale_n = min(args.scale_n, 20_000)
+        args.files = min(args.files, 40)
+    out_path = Path(args.out or ("/tmp/retrieval_tiny.json" if args.tiny else ROOT / "bench/results/retrieval.json"))
+    result: dict = {}
+    if out_path.is_file():
+        try:
+            result = json.loads(out_path.read_text())  # sections not rerun keep their last numbers
+        except json.JSONDecodeError:
+            result = {}
+    work = Path(tempfile.mkdtemp(prefix="retrieval_bench_"))
+    text = encoder = None
+    try:
+        if not args.skip_quality:
+            q, text, encoder = quality(args, work)
+            result.update(fused=q["fused"], metadata_only=q["metadata_only"],
+                          weights_only_unseen=q["weights_only_unseen"],
+                          details={**result.get("details", {}), "quality": q})
+        if not args.skip_scale:
+            result["scale"] = scale(args)
+        if not args.skip_files:
+            if text is None:
+                text = default_text_embedder(TINYWORLD, prefer=args.text)
+            f = files_bench(args, work, text, encoder)
+            result["index_10k_files_s"] = f["index_s"] if args.files == 10_000 else None
+            result.setdefault("details", {})["files"] = f
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["machine"] = machine()
+    result["tiny"] = bool(args.tiny)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2))
+    log(f"wrote {out_path}")
+    print(json.dumps({k: result.get(k) for k in ("fused", "metadata_only", "weights_only_unseen", "scale",
+                                                  "index_10k_files_s")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

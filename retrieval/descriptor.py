@@ -1,0 +1,459 @@
+"""Training-free weight descriptor of a LoRA: what its ΔW does, as one fixed-size vector.
+
+Per module, ΔW = (α/r)·B·A is reduced to its exact top-k SVD without forming ΔW: thin QR of B and Aᵀ gives
+ΔW = Q_B · (s·R_B·R_Aᵀ) · Q_Aᵀ, and the SVD of the small core gives the singular values and vectors in
+O((in + out)·r²). Singular pairs are sign-fixed (the largest-|.| entry of each left vector is positive). Each
+module then becomes a small block of features, computed from the truncated SVD through random projections
+that are fixed and shared (seeded by the dimension they act on), so every LoRA of a family lands in the same
+coordinates:
+
+- ``R_out·ΔW_k·R_inᵀ``: a d×d bilinear sketch of ΔW itself (⟨sketch(X), sketch(Y)⟩ ≈ ⟨X, Y⟩_F);
+- ``R_out·ΔW_k·ΔW_kᵀ·R_outᵀ`` and ``R_in·ΔW_kᵀ·ΔW_k·R_inᵀ``: sketches of the output- and input-side
+  Gram matrices (upper triangles): they survive a change of the random ``A`` that LoRA training starts from;
+- the normalised spectrum ``S/‖S‖`` and the module's log-norm relative to the LoRA's other modules.
+
+Every block is normalised on its own (so α, learning rate and rank do not matter), modules are laid out in a
+fixed order per base family (missing modules are zeros), and PCA (fitted on the library) reduces the whole to
+`dim` values, L2-normalised. All of it is a function of ΔW alone: ``B·R, R⁻¹·A`` gives the same descriptor, and
+a rank-4 and a rank-16 LoRA with the same dominant ΔW land close.
+
+Plain LoRA and LoCon (also Tucker LoCon, flattened to ``(out, in·k·k)``) never densify ΔW; LoHa and LoKr use
+the dense ΔW (their modules are small), via a randomised SVD when it is large. A DoRA magnitude is ignored.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from studio.library.canonical import LoRA, ModuleLoRA
+
+_EPS = 1e-12
+_DIGITS = re.compile(r"^\d+$")
+
+
+@dataclass
+class ModuleSVD:
+    """Top-k singular triplets of one module's ΔW (float32, sign-fixed): ΔW_k = U·diag(S)·Vᵀ."""
+
+    U: torch.Tensor  # (out, k)
+    S: torch.Tensor  # (k,)
+    V: torch.Tensor  # (in·prod(kernel), k)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.U.shape[0], self.V.shape[0])
+
+    @property
+    def norm(self) -> float:
+        return float(self.S.norm())
+
+
+def module_role(name: str) -> str:
+    """What a module is, without its position: ``unet.down_blocks.0...attn2.to_k`` -> ``unet:attn2.to_k``."""
+    parts = name.split(".")
+    leaf = [p for p in parts[1:] if not _DIGITS.match(p)]
+    return f"{parts[0]}:{'.'.join(leaf[-2:])}"
+
+
+# ----------------------------------------------------------------------------------------------- low-rank SVD
+def _lowrank_factors(m: ModuleLoRA) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B (out, r), A (r, in')) with ΔW = scale·B·A flattened to 2-D, or None when the kind has no such form."""
+    if m.kind not in ("lora", "locon"):
+        return None
+    f = m.factors
+    up = f["up"].flatten(1)
+    if "mid" in f:  # Tucker LoCon: ΔW[p, c, h, w] = Σ up[p,i]·mid[i,j,h,w]·down[j,c]
+        down = f["down"].float().flatten(1)  # (r, in)
+        a = torch.einsum("ij...,jc->ic...", f["mid"].float(), down).reshape(up.shape[1], -1)
+    else:
+        a = f["down"].flatten(1)
+    return up, a
+
+
+def _sign_fix(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each singular pair so that the largest-|.| entry of its left vector is positive (batched)."""
+    idx = U.abs().argmax(dim=-2, keepdim=True)
+    sign = torch.sign(torch.gather(U, -2, idx))
+    sign[sign == 0] = 1.0
+    return U * sign, V * sign
+
+
+def _batched_lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, k: int):
+    """Exact top-k SVD of scale·B·A for a batch: B (n, out, r), A (n, r, in), scale (n,)."""
+    Qb, Rb = torch.linalg.qr(B)                       # (n, out, m1), (n, m1, r)
+    Qa, Ra = torch.linalg.qr(A.transpose(1, 2))       # (n, in, m2), (n, m2, r)
+    core = scale[:, None, None] * (Rb @ Ra.transpose(1, 2))  # (n, m1, m2)
+    Uc, S, Vch = torch.linalg.svd(core, full_matrices=False)
+    k = min(k, S.shape[-1])
+    U = Qb @ Uc[..., :k]
+    V = Qa @ Vch.transpose(1, 2)[..., :k]
+    U, V = _sign_fix(U, V)
+    return U, S[..., :k], V
+
+
+def _dense_svd(delta: torch.Tensor, k: int) -> ModuleSVD:
+    d = delta.flatten(1).float()
+    if min(d.shape) <= 768:
+        U, S, Vh = torch.linalg.svd(d, full_matrices=False)
+        V = Vh.T
+    else:  # a big LoHa/LoKr conv: randomised SVD is plenty for the top few directions
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            U, S, V = torch.svd_lowrank(d, q=min(k + 10, min(d.shape)), niter=3)
+    k = min(k, S.shape[0])
+    U, V = _sign_fix(U[:, :k], V[:, :k])
+    return ModuleSVD(U.contiguous(), S[:k].contiguous(), V.contiguous())
+
+
+def module_svd(m: ModuleLoRA, k: int = 8) -> ModuleSVD:
+    """Top-k singular triplets of one module's ΔW (plain LoRA / LoCon without forming ΔW)."""
+    factors = _lowrank_factors(m)
+    if factors is None:
+        return _dense_svd(m.lowrank_delta(), k)
+    B, A = factors
+    U, S, V = _batched_lowrank_svd(B[None].float(), A[None].float(), torch.tensor([m.scale], dtype=torch.float32), k)
+    return ModuleSVD(U[0], S[0], V[0])
+
+
+@dataclass
+class SVDGroup:
+    """Same-shape modules of several LoRAs, stacked: row i belongs to ``owners[i] = (lora index, name)``."""
+
+    U: torch.Tensor  # (n, out, k)
+    S: torch.Tensor  # (n, k)
+    V: torch.Tensor  # (n, in', k)
+    owners: list[tuple[int, str]]
+
+
+@dataclass
+class PackedSVDs:
+    """Top-k SVDs of the modules of several LoRAs, grouped by shape (what batched consumers want)."""
+
+    groups: list[SVDGroup]
+    names: list[list[str]]  # module names of each LoRA, in its order
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def per_lora(self) -> list[dict[str, ModuleSVD]]:
+        out: list[dict[str, ModuleSVD]] = [{} for _ in self.names]
+        for g in self.groups:
+            for (li, name), u, s, v in zip(g.owners, g.U.unbind(0), g.S.unbind(0), g.V.unbind(0)):
+                out[li][name] = ModuleSVD(u, s, v)
+        return [{n: o[n] for n in names if n in o} for o, names in zip(out, self.names)]
+
+
+def _regroup(rows: Sequence[tuple[int, str, ModuleSVD]]) -> list[SVDGroup]:
+    by: dict[tuple, list] = {}
+    for li, name, m in rows:
+        by.setdefault((m.U.shape[0], m.V.shape[0], m.S.shape[0]), []).append((li, name, m))
+    return [SVDGroup(torch.stack([m.U for _, _, m in g]), torch.stack([m.S for _, _, m in g]),
+                     torch.stack([m.V for _, _, m in g]), [(li, n) for li, n, _ in g]) for g in by.values()]
+
+
+def pack_svds(loras: Sequence[LoRA | Mapping], k: int = 8) -> PackedSVDs:
+    """Top-k SVD of every module of every LoRA; same-shape modules of all of them share each batched QR/SVD.
+
+    A LoRA may be a `LoRA`, {name: ModuleLoRA}, or {name: (B, A, scale)} (`retrieval.loading.read_factors`).
+    """
+    mods = [l.modules if isinstance(l, LoRA) else l for l in loras]
+    groups: dict[tuple, list[tuple[int, str, torch.Tensor, torch.Tensor, float]]] = {}
+    dense: list[tuple[int, str, ModuleSVD]] = []
+    for li, modules in enumerate(mods):
+        for name, m in modules.items():
+            if type(m) is tuple:  # (B, A, scale)
+                B, A, scale = m
+            else:
+                factors = _lowrank_factors(m)
+                if factors is None:
+                    dense.append((li, name, _dense_svd(m.lowrank_delta(), k)))
+                    continue
+                (B, A), scale = factors, m.scale
+            key = (B.shape, A.shape, B.dtype, A.dtype)
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = []
+            group.append((li, name, B, A, scale))
+    out = []
+    for items in groups.values():
+        for start in range(0, len(items), 4096):
+            chunk = items[start:start + 4096]
+            B = torch.stack([it[2] for it in chunk]).float()
+            A = torch.stack([it[3] for it in chunk]).float()
+            scale = torch.tensor([it[4] for it in chunk], dtype=torch.float32)
+            U, S, V = _batched_lowrank_svd(B, A, scale, k)
+            out.append(SVDGroup(U, S, V, [(it[0], it[1]) for it in chunk]))
+    out += _regroup(dense)
+    return PackedSVDs(out, [list(m) for m in mods])
+
+
+def pack_dicts(items: Sequence[Mapping[str, ModuleSVD]] | PackedSVDs) -> PackedSVDs:
+    """{name: ModuleSVD} maps (one per LoRA) as a `PackedSVDs` (a PackedSVDs is returned as it is)."""
+    if isinstance(items, PackedSVDs):
+        return items
+    rows = [(li, name, m) for li, svds in enumerate(items) for name, m in svds.items()]
+    return PackedSVDs(_regroup(rows), [list(svds) for svds in items])
+
+
+def lora_svds_many(loras: Sequence[LoRA | Mapping], k: int = 8) -> list[dict[str, ModuleSVD]]:
+    """`lora_svds` of many LoRAs at once (see `pack_svds`)."""
+    return pack_svds(loras, k).per_lora()
+
+
+def lora_svds(lora: LoRA | Mapping[str, ModuleLoRA], k: int = 8) -> dict[str, ModuleSVD]:
+    """Top-k SVD of every module of one LoRA, {name: ModuleSVD}."""
+    return lora_svds_many([lora], k)[0]
+
+
+# ----------------------------------------------------------------------------------------------- projections
+@lru_cache(maxsize=256)
+def random_projection(n: int, d: int, seed: int, side: str) -> torch.Tensor:
+    """The shared Gaussian projection (d, n) for vectors of length n, the same in every process."""
+    tag = int.from_bytes(hashlib.sha256(f"{seed}:{side}:{n}:{d}".encode()).digest()[:8], "little") % (2**63)
+    g = torch.Generator().manual_seed(tag)
+    return torch.randn(d, n, generator=g) / np.sqrt(d)
+
+
+def _triu(x: torch.Tensor) -> torch.Tensor:
+    d = x.shape[-1]
+    i, j = torch.triu_indices(d, d)
+    return x[..., i, j]
+
+
+@dataclass(frozen=True)
+class DescriptorConfig:
+    sketch: int = 8        # d: sketch size per side
+    top_k: int = 4         # singular triplets kept per module
+    dim: int = 128         # output size after PCA
+    seed: int = 0
+    spectrum_weight: float = 0.5
+    norm_weight: float = 0.5
+    max_fit: int = 2048    # PCA is fitted on at most this many LoRAs ...
+    fit_floats: int = 64_000_000  # ... and on at most this many raw values in all (SDXL-sized layouts)
+
+    @property
+    def block(self) -> int:
+        d = self.sketch
+        return d * d + d * (d + 1) + self.top_k + 1
+
+    def fit_size(self, n_modules: int) -> int:
+        """How many LoRAs PCA is fitted on for a layout of `n_modules` modules."""
+        return int(max(16, min(self.max_fit, self.fit_floats // max(1, n_modules * self.block))))
+
+
+def module_block(svd: ModuleSVD, cfg: DescriptorConfig, rel_lognorm: float = 0.0) -> np.ndarray:
+    """The feature block of one module (see the module docstring); zeros for a zero ΔW."""
+    g = SVDGroup(svd.U[None], svd.S[None], svd.V[None], [(0, "")])
+    return _group_blocks(g, cfg, np.array([rel_lognorm]))
+
+
+def _group_blocks(g: SVDGroup, cfg: DescriptorConfig, rel: np.ndarray) -> np.ndarray:
+    """Feature blocks (n, block) of one group of same-shape modules."""
+    d, k = cfg.sketch, cfg.top_k
+    kk = min(k, g.S.shape[1])
+    U, S, V = g.U[..., :kk], g.S[:, :kk], g.V[..., :kk]
+    n_out, n_in = U.shape[1], V.shape[1]
+    norm = S.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    Sn = S / norm
+    L = random_projection(n_out, d, cfg.seed, "out") @ U * Sn[:, None, :]  # (b, d, kk)
+    R = random_projection(n_in, d, cfg.seed, "in") @ V                     # (b, d, kk)
+    R2 = R * Sn[:, None, :]
+    feats = []
+    for block in ((L @ R.transpose(1, 2)).flatten(1), _triu(L @ L.transpose(1, 2)), _triu(R2 @ R2.transpose(1, 2))):
+        feats.append(block / block.norm(dim=1, keepdim=True).clamp_min(_EPS))
+    spec = torch.zeros(len(S), k)
+    spec[:, :kk] = Sn
+    feats.append(cfg.spectrum_weight * spec)
+    live = (S.norm(dim=1) > _EPS).float()
+    feats.append(cfg.norm_weight * torch.tanh(torch.as_tensor(rel, dtype=torch.float32) / 2.0)[:, None])
+    return (torch.cat(feats, dim=1) * live[:, None]).numpy()
+
+
+def packed_blocks(packed: PackedSVDs, cfg: DescriptorConfig) -> list[np.ndarray]:
+    """Feature blocks of every module, one (n_rows, block) array per group of `packed`."""
+    lognorms = [g.S.norm(dim=1).clamp_min(_EPS).log().numpy() for g in packed.groups]
+    per_lora: list[list[float]] = [[] for _ in packed.names]
+    for g, ln in zip(packed.groups, lognorms):
+        for (li, _), v in zip(g.owners, ln):
+            per_lora[li].append(v)
+    floor = np.log(_EPS) + 1
+    medians = [float(np.median([v for v in vals if v > floor])) if any(v > floor for v in vals) else 0.0
+               for vals in per_lora]
+    out = []
+    for g, ln in zip(packed.groups, lognorms):
+        med = np.array([medians[li] for li, _ in g.owners])
+        out.append(_group_blocks(g, cfg, ln - med))
+    return out
+
+
+def raw_blocks(svds: Mapping[str, ModuleSVD], cfg: DescriptorConfig) -> dict[str, np.ndarray]:
+    """Feature block per module name (before layout, PCA and normalisation)."""
+    return raw_blocks_many([svds], cfg)[0]
+
+
+def raw_blocks_many(items: Sequence[Mapping[str, ModuleSVD]] | PackedSVDs,
+                    cfg: DescriptorConfig) -> list[dict[str, np.ndarray]]:
+    """`raw_blocks` of many LoRAs, batched over all their modules."""
+    packed = pack_dicts(items)
+    found: list[dict[str, np.ndarray]] = [{} for _ in packed.names]
+    for g, blocks in zip(packed.groups, packed_blocks(packed, cfg)):
+        for (li, name), block in zip(g.owners, blocks):
+            found[li][name] = block
+    return [{n: f[n] for n in names if n in f} for f, names in zip(found, packed.names)]
+
+
+# ----------------------------------------------------------------------------------------------- the model
+Blocks = Mapping[str, np.ndarray]  # module name -> feature block
+
+
+class WeightDescriptor:
+    """Training-free LoRA descriptor: per-family module layout + PCA, fitted on a library.
+
+    >>> desc = WeightDescriptor().fit(loras)        # LoRAs, or (blocks, family) pairs from `blocks()`
+    >>> vecs = desc.transform(loras)                # (n, 128), L2-normalised
+    Before `fit` (or for a family it has not seen) it still works: the layout is then the LoRA's own module
+    names and a fixed random projection replaces PCA, so one LoRA can be described alone.
+    """
+
+    def __init__(self, config: DescriptorConfig | None = None):
+        self.config = config or DescriptorConfig()
+        self.layouts: dict[str, list[str]] = {}         # family -> module names
+        self.means: dict[str, np.ndarray] = {}
+        self.components: dict[str, np.ndarray] = {}     # family -> (dim', raw)
+        self.fitted_on: dict[str, int] = {}             # family -> LoRAs seen by fit
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    # per-module blocks ------------------------------------------------------------------------------------
+    def blocks(self, item) -> tuple[dict[str, np.ndarray], str]:
+        """(feature block per module, family) of a LoRA, an svds map, or an (svds|blocks, family) pair."""
+        if isinstance(item, LoRA):
+            return raw_blocks(lora_svds(item, max(self.config.top_k, 1)), self.config), item.family
+        family = "unknown"
+        if isinstance(item, tuple):
+            item, family = item
+        if item and isinstance(next(iter(item.values())), ModuleSVD):
+            return raw_blocks(item, self.config), family
+        return dict(item), family
+
+    def raw(self, blocks: Blocks, layout: Sequence[str]) -> np.ndarray:
+        b = self.config.block
+        out = np.zeros(len(layout) * b, dtype=np.float32)
+        for i, name in enumerate(layout):
+            block = blocks.get(name)
+            if block is not None:
+                out[i * b:(i + 1) * b] = block
+        return _unit(out)
+
+    # fitting ----------------------------------------------------------------------------------------------
+    def fit(self, items: Iterable, max_layout: int | None = None) -> WeightDescriptor:
+        """Fix each family's layout (union of module names, sorted) and fit its PCA (on <= max_fit LoRAs)."""
+        by_family: dict[str, list[dict[str, np.ndarray]]] = {}
+        for item in items:
+            blocks, family = self.blocks(item)
+            by_family.setdefault(family, []).append(blocks)
+        for family, group in by_family.items():
+            names = sorted({n for s in group for n in s})
+            if max_layout and len(names) > max_layout:  # keep the most common modules
+                counts = {n: sum(n in s for s in group) for n in names}
+                names = sorted(sorted(names, key=lambda n: -counts[n])[:max_layout])
+            self.layouts[family] = names
+            rng = np.random.default_rng(self.config.seed)
+            n_fit = self.config.fit_size(len(names))
+            pick = group if len(group) <= n_fit else [group[i] for i in rng.choice(len(group), n_fit, replace=False)]
+            self._fit_pca(family, np.stack([self.raw(s, names) for s in pick]))
+            self.fitted_on[family] = len(group)
+        return self
+
+    def _fit_pca(self, family: str, X: np.ndarray) -> None:
+        n = X.shape[0]
+        if n < 3:
+            self.means[family] = np.zeros(X.shape[1], dtype=np.float32)
+            self.components[family] = self._random_basis(X.shape[1])
+            return
+        mean = X.mean(axis=0)
+        Xc = (X - mean).astype(np.float64)
+        k = min(self.dim, n - 1, X.shape[1])
+        # PCA through the n×n Gram matrix (n <= max_fit), exact and cheap for wide raw vectors
+        w, vecs = np.linalg.eigh(Xc @ Xc.T)
+        order = np.argsort(w)[::-1][:k]
+        w, vecs = np.clip(w[order], 0, None), vecs[:, order]
+        keep = w > max(w[0], 1e-30) * 1e-9
+        comps = (vecs[:, keep].T @ Xc) / np.sqrt(w[keep])[:, None]
+        self.means[family] = mean.astype(np.float32)
+        self.components[family] = comps.astype(np.float32)
+
+    def _random_basis(self, n: int) -> np.ndarray:
+        return random_projection(n, self.dim, self.config.seed, "pca").numpy()
+
+    # transforming -----------------------------------------------------------------------------------------
+    def vector(self, item) -> np.ndarray:
+        """Descriptor of one LoRA (see `blocks` for what `item` may be): shape (dim,), L2-normalised."""
+        blocks, family = self.blocks(item)
+        layout = self.layouts.get(family) or sorted(blocks)
+        x = self.raw(blocks, layout)
+        if family in self.components:
+            mean, comps = self.means[family], self.components[family]
+        else:
+            mean, comps = np.zeros_like(x), self._random_basis(x.shape[0])
+        y = comps @ (x - mean)
+        out = np.zeros(self.dim, dtype=np.float32)
+        out[: y.shape[0]] = y
+        return _unit(out)
+
+    def transform(self, items: Iterable) -> np.ndarray:
+        rows = [self.vector(item) for item in items]
+        return np.stack(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
+
+    def fit_transform(self, items: Sequence) -> np.ndarray:
+        items = [self.blocks(i) for i in items]
+        return self.fit(items).transform(items)
+
+    # persistence ------------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        h = hashlib.sha256(json.dumps(self.config.__dict__, sort_keys=True).encode())
+        for family in sorted(self.layouts):
+            h.update(family.encode())
+            h.update("\n".join(self.layouts[family]).encode())
+            h.update(self.means[family].tobytes())
+            h.update(self.components[family].tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        arrays = {"config": np.frombuffer(json.dumps(self.config.__dict__).encode(), dtype=np.uint8),
+                  "layouts": np.frombuffer(json.dumps(self.layouts).encode(), dtype=np.uint8),
+                  "fitted_on": np.frombuffer(json.dumps(self.fitted_on).encode(), dtype=np.uint8)}
+        for i, family in enumerate(sorted(self.layouts)):
+            arrays[f"mean{i}"] = self.means[family]
+            arrays[f"comp{i}"] = self.components[family]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> WeightDescriptor:
+        with np.load(Path(path)) as z:
+            self = cls(DescriptorConfig(**json.loads(z["config"].tobytes().decode())))
+            self.layouts = json.loads(z["layouts"].tobytes().decode())
+            self.fitted_on = json.loads(z["fitted_on"].tobytes().decode())
+            for i, family in enumerate(sorted(self.layouts)):
+                self.means[family] = z[f"mean{i}"]
+                self.components[family] = z[f"comp{i}"]
+        return self
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / max(float(np.linalg.norm(x)), _EPS)).astype(np.float32)

@@ -1,0 +1,629 @@
+"""`LibraryIndex`: the catalog's LoRAs as searchable vectors, persisted beside the catalog.
+
+Channels (each a `VectorIndex`, one FAISS sub-index per base family):
+
+- ``descriptor``: the training-free weight descriptor (LoRA↔LoRA similarity, categories when tags are missing);
+- ``weights``: the learned encoder's vector of the weights alone (text space: prompt → LoRA, no metadata used);
+- ``joint``: the learned encoder with the metadata token, when the encoder has one;
+- ``meta``: the text embedder's vector of the metadata text (LoRAs with metadata only);
+- ``lexical``: BM25 over trigger words, name, tags and description (in memory, rebuilt from the catalog).
+
+Files, beside ``catalog.sqlite``: ``catalog.sqlite.faiss`` (every channel's FAISS indices),
+``catalog.sqlite.faiss.json`` (manifest: per-LoRA stamps = tensor hash + metadata hash + family, the
+fingerprints of the embedder, encoder and descriptor, calibration) and ``catalog.sqlite.descriptor.npz``
+(descriptor layouts and PCA). `refresh` adds and removes only what changed in the catalog; a missing, corrupt
+or incompatible index is rebuilt from the catalog (so is a family that has grown past twice the size its
+descriptor PCA was fitted on).
+Family is a hard filter in every search: LoRAs of another family are never candidates.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .descriptor import DescriptorConfig, WeightDescriptor, pack_svds, raw_blocks_many
+from .index import VectorIndex, atomic_write
+from .loading import read_factors
+from .text import LexicalIndex, Metadata, TextEmbedder, stems
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+DENSE = ("descriptor", "weights", "joint", "meta")
+DEFAULT_FUSION = {"weights": 1.0, "joint": 1.0, "meta": 1.0, "lexical": 1.0}
+MODES = {
+    "fused": ("joint|weights", "meta", "lexical"),
+    "metadata": ("meta", "lexical"),
+    "weights": ("weights",),
+    "meta": ("meta",),
+    "lexical": ("lexical",),
+    "joint": ("joint",),
+}
+
+
+@dataclass
+class IndexedEntry:
+    id: int
+    name: str
+    family: str
+    stamp: str
+    meta: Metadata
+    path: str = ""
+
+    @property
+    def trigger(self) -> str | None:
+        return self.meta.trigger_words[0] if self.meta.trigger_words else None
+
+
+@dataclass
+class Hit:
+    """One search result: fused score in [0, 1] and what each channel said (calibrated, in [0, 1])."""
+
+    id: int
+    name: str
+    family: str
+    score: float
+    channels: dict[str, float] = field(default_factory=dict)
+    raw: dict[str, float] = field(default_factory=dict)
+    matched: list[str] = field(default_factory=list)
+    trigger: str | None = None
+
+
+@dataclass
+class RefreshReport:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    rebuilt: bool = False
+    reason: str = ""
+    failed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.removed or self.rebuilt)
+
+
+def _stamp(entry) -> str:
+    return f"{entry.tensor_hash}:{Metadata.of(entry).hash()}:{entry.family}"
+
+
+class LibraryIndex:
+    """Search a catalog's LoRAs by prompt (fused channels) or by another LoRA (descriptor).
+
+    >>> lib = LibraryIndex.open(catalog, text_embedder=ClipTextEmbedder.from_folder(model), encoder=enc)
+    >>> lib.search("a spooky floating sheet", k=5, family="tinyworld")
+    """
+
+    def __init__(self, catalog, *, text_embedder: TextEmbedder | None = None, encoder=None,
+                 descriptor_config: DescriptorConfig | None = None, ivf_threshold: int = 50_000,
+                 fusion: dict[str, float] | None = None, include_unknown_family: bool = False,
+                 workers: int | None = None):
+        self.catalog = catalog
+        base = Path(catalog.db_path)
+        self.index_path = base.with_name(base.name + ".faiss")
+        self.manifest_path = base.with_name(base.name + ".faiss.json")
+        self.descriptor_path = base.with_name(base.name + ".descriptor.npz")
+        self.text = text_embedder
+        self.encoder = encoder
+        if encoder is not None and text_embedder is not None and encoder.config.out_dim != text_embedder.dim:
+            log.warning("encoder output (%d) does not match the text embedder (%d): weights channel off",
+                        encoder.config.out_dim, text_embedder.dim)
+            self.encoder = None
+        if self.encoder is not None and self.text is not None and self.encoder.config.text_embedder \
+                and self.encoder.config.text_embedder != self.text.fingerprint():
+            log.warning("the encoder was trained against another text embedder (%s, here %s): its scores may be "
+                        "meaningless", self.encoder.config.text_embedder, self.text.fingerprint())
+        self.descriptor = WeightDescriptor(descriptor_config)
+        self.ivf_threshold = ivf_threshold
+        self.fusion = dict(DEFAULT_FUSION, **(fusion or {}))
+        self.include_unknown_family = include_unknown_family
+        self.workers = workers
+        self.entries: dict[int, IndexedEntry] = {}
+        self.vectors: dict[str, VectorIndex] = {}
+        self.members: dict[str, set[int]] = {}
+        self.calibration: dict[str, float] = {}
+        self.lexical = LexicalIndex()
+        self._categories = self._trigger_map = None
+        self._reset_vectors()
+
+    # ------------------------------------------------------------------------------------------------ setup
+    @classmethod
+    def open(cls, catalog, refresh: bool = True, **kw) -> LibraryIndex:
+        """Load the persisted index (rebuilt from the catalog when missing or stale) and bring it up to date."""
+        self = cls(catalog, **kw)
+        if refresh:
+            self.refresh()
+        else:
+            self.load()
+        return self
+
+    def _dims(self) -> dict[str, int]:
+        dims = {"descriptor": self.descriptor.dim}
+        if self.text is not None:
+            dims["meta"] = self.text.dim
+        if self.encoder is not None:
+            dims["weights"] = self.encoder.config.out_dim
+            if self.encoder.config.meta_dim and self.text is not None:
+                dims["joint"] = self.encoder.config.out_dim
+        return dims
+
+    def _reset_vectors(self) -> None:
+        self.vectors = {ch: VectorIndex(d, self.ivf_threshold) for ch, d in self._dims().items()}
+        self.members = {ch: set() for ch in self.vectors}
+
+    def fingerprints(self) -> dict[str, str]:
+        return {
+            "text": self.text.fingerprint() if self.text is not None else "",
+            "encoder": self.encoder.fingerprint() if self.encoder is not None else "",
+            "descriptor_config": json.dumps(asdict(self.descriptor.config), sort_keys=True),
+        }
+
+    # ------------------------------------------------------------------------------------------------ disk
+    def save(self) -> None:
+        generation = secrets.token_hex(8)
+        header, blobs = {"generation": generation, "channels": []}, []
+        for ch, vi in self.vectors.items():
+            blob = vi.to_bytes()
+            header["channels"].append({"channel": ch, "bytes": len(blob)})
+            blobs.append(blob)
+        head = json.dumps(header).encode()
+        atomic_write(self.index_path, len(head).to_bytes(8, "little") + head + b"".join(blobs))
+        self.descriptor.save(self.descriptor_path)
+        manifest = {
+            "version": VERSION, "generation": generation, "fingerprints": self.fingerprints(),
+            "descriptor": self.descriptor.fingerprint(), "calibration": self.calibration,
+            "entries": {str(i): {**asdict(e), "meta": asdict(e.meta)} for i, e in self.entries.items()},
+        }
+        atomic_write(self.manifest_path, json.dumps(manifest).encode())
+
+    def load(self) -> str | None:
+        """Load the persisted index; None on success, else why it cannot be used (then nothing is loaded)."""
+        if not (self.index_path.is_file() and self.manifest_path.is_file() and self.descriptor_path.is_file()):
+            return "no index on disk"
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+            if manifest.get("version") != VERSION:
+                return f"index version {manifest.get('version')} (this code writes {VERSION})"
+            if manifest.get("fingerprints") != self.fingerprints():
+                return "the text embedder, encoder or descriptor settings changed"
+            descriptor = WeightDescriptor.load(self.descriptor_path)
+            if descriptor.fingerprint() != manifest.get("descriptor"):
+                return "descriptor file does not match the manifest"
+            data = self.index_path.read_bytes()
+            n = int.from_bytes(data[:8], "little")
+            header = json.loads(data[8:8 + n].decode())
+            if header.get("generation") != manifest.get("generation"):
+                return "index and manifest are from different saves"
+            vectors, offset = {}, 8 + n
+            for item in header["channels"]:
+                vectors[item["channel"]] = VectorIndex.from_bytes(data[offset:offset + item["bytes"]])
+                offset += item["bytes"]
+            dims = self._dims()
+            if {ch: v.dim for ch, v in vectors.items()} != dims:
+                return "channels changed"
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, json.JSONDecodeError) as e:
+            return f"unreadable index ({type(e).__name__}: {e})"
+        self.descriptor = descriptor
+        self.vectors = vectors
+        for vi in self.vectors.values():
+            vi.ivf_threshold = self.ivf_threshold
+        self.members = {ch: set(int(i) for i in vi.ids()) for ch, vi in vectors.items()}
+        self.calibration = manifest.get("calibration", {})
+        self.entries = {}
+        for key, e in manifest["entries"].items():
+            e = dict(e)
+            e["meta"] = Metadata(**e["meta"])
+            self.entries[int(key)] = IndexedEntry(**e)
+        self._build_lexical()
+        return None
+
+    # ------------------------------------------------------------------------------------------------ build
+    def _catalog_entries(self) -> dict[int, object]:
+        return {e.id: e for e in self.catalog.all() if e.status == "ok"}
+
+    def refresh(self) -> RefreshReport:
+        """Bring the index up to date with the catalog: incremental when possible, else a full rebuild."""
+        started = time.monotonic()
+        why = self.load() if not self.entries else None
+        if why is not None:
+            report = self.rebuild()
+            report.reason = why
+            return report
+        current = self._catalog_entries()
+        stamps = {i: _stamp(e) for i, e in current.items()}
+        gone = [i for i, e in self.entries.items() if stamps.get(i) != e.stamp]
+        new = [current[i] for i in current if i not in self.entries or self.entries[i].stamp != stamps[i]]
+        # a family that has grown a lot since the descriptor's PCA was fitted: refit on everything
+        for fam in {e.family for e in new}:
+            fitted = self.descriptor.fitted_on.get(fam, 0)
+            total = sum(1 for e in current.values() if e.family == fam)
+            if fam not in self.descriptor.layouts or (total >= 8 and total > 2 * fitted):
+                report = self.rebuild()
+                report.reason = f"{fam}: {total} LoRAs, the descriptor was fitted on {fitted}"
+                return report
+        report = RefreshReport()
+        if gone:
+            for vi in self.vectors.values():
+                vi.remove(gone)
+            for ch in self.members:
+                self.members[ch].difference_update(gone)
+            report.removed = [self.entries.pop(i).name for i in gone]
+        if new:
+            self._add_entries(new, report)
+        if report.changed:
+            self._build_lexical()
+            self._calibrate()
+            self.save()
+        report.seconds = time.monotonic() - started
+        return report
+
+    def rebuild(self) -> RefreshReport:
+        """Index every LoRA of the catalog from scratch (fits the descriptor's layouts and PCA)."""
+        started = time.monotonic()
+        report = RefreshReport(rebuilt=True)
+        self._reset_vectors()
+        self.entries = {}
+        entries = list(self._catalog_entries().values())
+        cfg = self.descriptor.config
+        self.descriptor = WeightDescriptor(cfg)
+        # phase 1: up to max_fit LoRAs per family fix the layouts and the PCA; phase 2 streams the rest
+        by_family: dict[str, list] = {}
+        for e in entries:
+            by_family.setdefault(e.family, []).append(e)
+        first, rest = [], []
+        rng = np.random.default_rng(cfg.seed)
+        for group in by_family.values():
+            group = [group[i] for i in rng.permutation(len(group))]  # an unbiased sample fits the PCA
+            n_fit = cfg.fit_size(max(e.n_modules or 1 for e in group))
+            first += group[:n_fit]
+            rest += group[n_fit:]
+        with self._featurizer(len(entries)) as run:
+            results = list(run(first))
+            self.descriptor.fit([(r.block_map(j), e.family) for r, _ in results for j, e in enumerate(r.entries)])
+            for r, _ in results:
+                self._add_features(r, report)
+            for r, _ in run(rest):
+                self._add_features(r, report)
+        self._build_lexical()
+        self._calibrate()
+        self.save()
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _add_entries(self, entries: Sequence, report: RefreshReport) -> None:
+        with self._featurizer(len(entries)) as run:
+            for r, _ in run(entries):
+                self._add_features(r, report)
+
+    def _top_k(self) -> int:
+        return max(self.descriptor.config.top_k, self.encoder.config.top_k if self.encoder is not None else 1)
+
+    def _featurizer(self, n: int):
+        """Context manager giving ``run(entries) -> [(Features, None)]``, in worker processes when it pays."""
+        return _FeaturizerPool(self, n)
+
+    def _add_features(self, r: Features, report: RefreshReport) -> None:
+        report.failed += r.failed
+        if not r.entries:
+            return
+        ids = np.array([e.id for e in r.entries], dtype=np.int64)
+        fams = [e.family for e in r.entries]
+        metas = [Metadata.of(e) for e in r.entries]
+        desc = np.stack([self.descriptor.vector((r.block_map(j), e.family)) for j, e in enumerate(r.entries)])
+        self._add("descriptor", ids, desc, fams)
+        if r.meta_vecs is not None:
+            has = np.array([m.has_text for m in metas])
+            if has.any():
+                self._add("meta", ids[has], r.meta_vecs[has], [f for f, h in zip(fams, has) if h])
+        for ch in ("weights", "joint"):
+            if ch in self.vectors and getattr(r, ch) is not None and len(r.encoded):
+                sel = np.array(r.encoded)
+                self._add(ch, ids[sel], getattr(r, ch), [fams[j] for j in r.encoded])
+        for e, m in zip(r.entries, metas):
+            self.entries[e.id] = IndexedEntry(e.id, e.name, e.family, _stamp(e), m, str(e.path))
+            report.added.append(e.name)
+        self._categories = self._trigger_map = None
+
+    def _add(self, channel: str, ids: np.ndarray, vecs: np.ndarray, fams: Sequence[str]) -> None:
+        self.vectors[channel].add(ids, vecs, list(fams))
+        self.members[channel].update(int(i) for i in ids)
+
+    def _build_lexical(self) -> None:
+        self.lexical = LexicalIndex().build((i, e.meta, e.family) for i, e in self.entries.items())
+        self._vocab = self.lexical.vocab
+        self._categories = self._trigger_map = None
+
+    def _calibrate(self, n_queries: int = 300, n_targets: int = 2000, seed: int = 0) -> None:
+        """Per dense channel, the median similarity of a metadata text to *other* LoRAs: the score that means
+        "nothing in particular". Calibrated score = (s - median) / (1 - median), clipped to [0, 1]."""
+        self.calibration = {}
+        rng = np.random.default_rng(seed)
+        q_ids = sorted(self.members.get("meta", ()))
+        if not q_ids:
+            return
+        q_ids = list(rng.choice(q_ids, min(n_queries, len(q_ids)), replace=False))
+        Q = np.stack([self.vectors["meta"].reconstruct(i) for i in q_ids])
+        for ch in ("meta", "weights", "joint"):
+            if ch not in self.vectors or len(self.members[ch]) < 2:
+                continue
+            t_ids = sorted(self.members[ch])
+            t_ids = list(rng.choice(t_ids, min(n_targets, len(t_ids)), replace=False))
+            T = np.stack([self.vectors[ch].reconstruct(i) for i in t_ids])
+            S = Q @ T.T
+            off = np.array(q_ids)[:, None] != np.array(t_ids)[None, :]
+            if off.any():
+                self.calibration[ch] = float(np.median(S[off]))
+
+    # ------------------------------------------------------------------------------------------------ search
+    def families(self, family: str | Sequence[str] | None) -> list[str]:
+        """The families a search covers: all when None, else the given ones (+ "unknown" if so configured)."""
+        if family is None:
+            return sorted({e.family for e in self.entries.values()})
+        fams = [family] if isinstance(family, str) else list(family)
+        if self.include_unknown_family and "unknown" not in fams:
+            fams.append("unknown")
+        return fams
+
+    def calibrated(self, channel: str, score: float) -> float:
+        if channel == "lexical":
+            return float(np.clip(score, 0.0, 1.0))
+        mu = self.calibration.get(channel, 0.0)
+        return float(np.clip((score - mu) / max(1.0 - mu, 1e-6), 0.0, 1.0))
+
+    def _channels(self, mode: str) -> list[str]:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; use one of {sorted(MODES)}")
+        out = []
+        for spec in MODES[mode]:
+            for ch in spec.split("|"):
+                if ch == "lexical" or ch in self.vectors:
+                    out.append(ch)
+                    break
+        if mode in ("weights", "joint") and mode not in self.vectors:
+            raise ValueError(f"mode {mode!r} needs a trained encoder (and a text embedder)")
+        if mode in ("meta",) and "meta" not in self.vectors:
+            raise ValueError("mode 'meta' needs a text embedder")
+        return out
+
+    def search(self, prompt: str, k: int = 10, family: str | Sequence[str] | None = None, mode: str = "fused",
+               depth: int | None = None) -> list[Hit]:
+        """LoRAs for a prompt, best first. `mode`: fused, metadata, weights, meta, lexical or joint."""
+        return self.search_many([prompt], k, family, mode, depth)[0]
+
+    def search_many(self, prompts: Sequence[str], k: int = 10, family: str | Sequence[str] | None = None,
+                    mode: str = "fused", depth: int | None = None) -> list[list[Hit]]:
+        channels = self._channels(mode)
+        fams = self.families(family)
+        depth = max(depth or 0, 5 * k, 50)
+        dense = [ch for ch in channels if ch != "lexical"]
+        Q = self.text.encode(list(prompts)) if dense and self.text is not None else None
+        dense_results = {}
+        for ch in dense:
+            D, I = self.vectors[ch].search(Q, depth, fams)
+            dense_results[ch] = (D, I)
+        out = []
+        for qi, prompt in enumerate(prompts):
+            raw: dict[int, dict[str, float]] = {}
+            floors: dict[str, float] = {}
+            for ch, (D, I) in dense_results.items():
+                valid = I[qi] >= 0
+                for d, i in zip(D[qi][valid], I[qi][valid]):
+                    raw.setdefault(int(i), {})[ch] = float(d)
+                floors[ch] = float(D[qi][valid].min()) if valid.any() else 0.0
+            matched: dict[int, list[str]] = {}
+            lexical_live = False
+            if "lexical" in channels:
+                lexical_live = any(s in self._vocab for s in stems(prompt))
+                for h in self.lexical.search(prompt, family=fams):
+                    raw.setdefault(h.id, {})["lexical"] = h.score
+                    matched[h.id] = h.matched
+            hits = []
+            for i, scores in raw.items():
+                e = self.entries.get(i)
+                if e is None or e.family not in fams:
+                    continue  # cannot happen with per-family indices; kept as a guard
+                cal, weight_sum, total = {}, 0.0, 0.0
+                for ch in channels:
+                    if ch == "lexical":
+                        if not lexical_live:
+                            continue
+                        s = scores.get("lexical", 0.0)
+                    elif i in self.members[ch]:
+                        s = scores.get(ch, floors[ch])
+                    else:
+                        continue  # this LoRA has nothing in this channel (e.g. no metadata)
+                    c = self.calibrated(ch, s)
+                    cal[ch] = c
+                    w = self.fusion.get(ch, 1.0)
+                    weight_sum += w
+                    total += w * c
+                if not cal:
+                    continue
+                hits.append(Hit(i, e.name, e.family, total / max(weight_sum, 1e-9), cal, scores,
+                                matched.get(i, []), e.trigger))
+            rank_key = (lambda h: (-h.raw.get(channels[0], -1.0), h.id)) if len(channels) == 1 else \
+                (lambda h: (-h.score, h.id))
+            hits.sort(key=rank_key)
+            out.append(hits[:k])
+        return out
+
+    def similar(self, name_or_id: int | str, k: int = 10, channel: str = "descriptor") -> list[Hit]:
+        """LoRAs whose weights resemble this one's (same family only), itself excluded."""
+        entry = self.catalog.get(name_or_id)
+        vec = self.vectors[channel].reconstruct(entry.id)
+        if vec is None:
+            raise KeyError(f"{entry.name} is not in the {channel} index: refresh it")
+        D, I = self.vectors[channel].search(vec[None], k + 1, [entry.family])
+        hits = []
+        for d, i in zip(D[0], I[0]):
+            if i < 0 or int(i) == entry.id:
+                continue
+            e = self.entries[int(i)]
+            hits.append(Hit(int(i), e.name, e.family, float(d), {channel: float(d)}, {channel: float(d)}, [],
+                            e.trigger))
+        return hits[:k]
+
+    def vector(self, channel: str, id_: int) -> np.ndarray | None:
+        return self.vectors[channel].reconstruct(id_) if channel in self.vectors else None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+# ---------------------------------------------------------------------------------------------------- features
+@dataclass
+class Features:
+    """What indexing computes from a chunk of files (picklable: worker processes return it)."""
+
+    entries: list
+    names: list[list[str]] = field(default_factory=list)
+    blocks: list[np.ndarray] = field(default_factory=list)
+    meta_vecs: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    joint: np.ndarray | None = None
+    encoded: list[int] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def block_map(self, j: int) -> dict[str, np.ndarray]:
+        return dict(zip(self.names[j], self.blocks[j]))
+
+
+class _Worker:
+    """Reads files and computes descriptor blocks and encoder vectors (in this process or a worker)."""
+
+    def __init__(self, top_k: int, desc_config: DescriptorConfig, encoder_blob=None):
+        self.top_k = top_k
+        self.cfg = desc_config
+        self.encoder = None
+        if encoder_blob is not None:
+            from .encoder import EncoderConfig, LoRAEncoder
+
+            config, state = encoder_blob
+            self.encoder = LoRAEncoder(EncoderConfig(**config))
+            self.encoder.load_state_dict(state)
+            self.encoder.eval()
+
+    def run(self, entries: Sequence, meta_vecs: np.ndarray | None, joint: bool) -> Features:
+        out = Features(entries=[], meta_vecs=None)
+        loaded, keep = [], []
+        for j, e in enumerate(entries):
+            try:
+                modules, _, _ = read_factors(e.path, e.family)
+            except Exception as err:  # a file that vanished or broke since the scan: skipped, and said so
+                out.failed.append(f"{e.name}: {type(err).__name__}: {err}")
+                continue
+            loaded.append(modules)
+            keep.append(j)
+            out.entries.append(e)
+        if meta_vecs is not None:
+            out.meta_vecs = meta_vecs[keep] if keep else meta_vecs[:0]
+        if not loaded:
+            return out
+        packed = pack_svds(loaded, self.top_k)
+        for blocks in raw_blocks_many(packed, self.cfg):
+            out.names.append(list(blocks))
+            out.blocks.append(np.stack(list(blocks.values())) if blocks else np.zeros((0, self.cfg.block), np.float32))
+        if self.encoder is not None:
+            fam = self.encoder.config.family
+            out.encoded = [j for j, e in enumerate(out.entries) if fam in ("unknown", e.family)]
+            if out.encoded:
+                if len(out.encoded) == len(out.entries):
+                    items = packed
+                else:
+                    per = packed.per_lora()
+                    items = [per[j] for j in out.encoded]
+                if joint and out.meta_vecs is not None:
+                    present = [Metadata.of(out.entries[j]).has_text for j in out.encoded]
+                    out.weights, out.joint = self.encoder.encode(items, out.meta_vecs[out.encoded], present,
+                                                                 both=True)
+                else:
+                    out.weights = self.encoder.encode(items)
+        return out
+
+
+_WORKER: _Worker | None = None
+
+
+def _init_worker(args) -> None:
+    global _WORKER
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER = _Worker(*args)
+
+
+def _run_worker(entries, meta_vecs, joint) -> Features:
+    return _WORKER.run(entries, meta_vecs, joint)
+
+
+def default_workers() -> int:
+    """Worker processes for big (re)builds: LORA_STUDIO_INDEX_WORKERS, else min(2, CPUs)."""
+    env = os.environ.get("LORA_STUDIO_INDEX_WORKERS")
+    if env and env.isdigit():
+        return max(1, int(env))
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+class _FeaturizerPool:
+    """``with _FeaturizerPool(lib, n) as run: run(entries)``: chunks of files featurised in order, in worker
+    processes when there are many files, with the main process embedding the metadata text meanwhile."""
+
+    CHUNK = 128
+    MIN_FILES_FOR_POOL = 384
+
+    def __init__(self, lib: LibraryIndex, n: int, workers: int | None = None):
+        self.lib = lib
+        enc = lib.encoder
+        blob = None
+        if enc is not None:
+            blob = (asdict(enc.config), {k: v.detach().clone() for k, v in enc.state_dict().items()})
+        self.args = (lib._top_k(), lib.descriptor.config, blob)
+        self.workers = workers if workers is not None else getattr(lib, "workers", None) or default_workers()
+        self.use_pool = self.workers > 1 and n >= self.MIN_FILES_FOR_POOL
+        self.pool = None
+        self.local = None
+
+    def __enter__(self):
+        if self.use_pool:
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(self.args,))
+        else:
+            self.local = _Worker(*self.args)
+        return self.run
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _meta(self, chunk) -> np.ndarray | None:
+        text = self.lib.text
+        if text is None:
+            return None
+        return text.encode([Metadata.of(e).text() for e in chunk])
+
+    def run(self, entries: Sequence):
+        """Yields (Features, None) per chunk, in order."""
+        chunks = [entries[i:i + self.CHUNK] for i in range(0, len(entries), self.CHUNK)]
+        joint = "joint" in self.lib.vectors
+        if self.pool is None:
+            for c in chunks:
+                yield self.local.run(c, self._meta(c), joint), None
+            return
+        pending = []
+        for c in chunks:  # keep a few chunks in flight; embed the next chunk's text while workers read files
+            pending.append(self.pool.submit(_run_worker, c, self._meta(c), joint))
+            while len(pending) > 2 * self.workers:
+                yield pending.pop(0).result(), None
+        for f in pending:
+            yield f.result(), None

@@ -1,0 +1,190 @@
+"""LibraryIndex over a real catalog: build, persist, incremental refresh, staleness, family filter, modes."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval.descriptor import lora_svds
+from retrieval.encoder import TrainingPair, train_encoder
+from retrieval.library import LibraryIndex, _FeaturizerPool
+from retrieval.loading import load_for_index, read_factors
+from retrieval.synthetic import SD15_TARGETS, SMALL_TARGETS, synthetic_lora, tinyworld_metadata, write_synthetic_library
+from retrieval.text import HashingEmbedder, Metadata, captions
+from studio.library.catalog import Catalog
+from studio.library.formats import read_lora, write_lora
+
+CONCEPTS = ["zorbo", "glimmet", "hat", "glasses", "stripes", "polka", "checker", "starfield", "ball", "key"]
+
+
+def _write_sd15_ghost(folder):
+    """An SD1.5 LoRA whose metadata says exactly what the TinyWorld ghost LoRA says."""
+    lora = synthetic_lora("glimmet", 4, 0, shapes=SD15_TARGETS, family="sd15")
+    lora.metadata, info = tinyworld_metadata("glimmet", 4, 0)
+    path = write_lora(lora, folder / "sd15_ghost.safetensors")
+    path.with_suffix(".civitai.info").write_text(json.dumps(info))
+    return path
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lib")
+    records = write_synthetic_library(root / "loras", CONCEPTS, ranks=(4, 8), seeds=(0,), shapes=SMALL_TARGETS,
+                                      dtype=torch.float16)
+    _write_sd15_ghost(root / "loras")
+    return root, records
+
+
+def _catalog(root, tmp_path):
+    """A private copy of the library (tests change files) and its scanned catalog."""
+    lib = tmp_path / "loras"
+    shutil.copytree(root / "loras", lib)
+    cat = Catalog(lib / ".studio" / "catalog.sqlite")
+    cat.scan(lib)
+    return cat, lib
+
+
+def test_build_persist_and_reopen(library, tmp_path):
+    cat, lib = _catalog(library[0], tmp_path)
+    emb = HashingEmbedder(64)
+    index = LibraryIndex.open(cat, text_embedder=emb)
+    assert len(index) == len(CONCEPTS) * 2 + 1
+    for p in (index.index_path, index.manifest_path, index.descriptor_path):
+        assert p.is_file() and p.parent == cat.db_path.parent
+    assert index.index_path.name == "catalog.sqlite.faiss"
+    hits = index.search("a floating ghost with a wavy hem", k=3, family="tinyworld")
+    ghosts = {e.name for e in cat.all() if "ghost" in e.description and e.family == "tinyworld"}
+    assert {h.name for h in hits[:2]} == ghosts
+    again = LibraryIndex(cat, text_embedder=emb)
+    report = again.refresh()
+    assert not report.rebuilt and not report.changed
+    before = [h.id for h in index.search("a floating ghost", k=5)]
+    assert [h.id for h in again.search("a floating ghost", k=5)] == before
+
+
+def test_incremental_add_remove_update(library, tmp_path):
+    cat, lib = _catalog(library[0], tmp_path)
+    emb = HashingEmbedder(64)
+    index = LibraryIndex.open(cat, text_embedder=emb)
+    n = len(index)
+    # add
+    extra = synthetic_lora("cup", 4, 0, shapes=SMALL_TARGETS)
+    extra.metadata, info = tinyworld_metadata("cup", 4, 0)
+    path = write_lora(extra, lib / "new_cup.safetensors")
+    path.with_suffix(".civitai.info").write_text(json.dumps(info))
+    cat.scan(lib)
+    report = LibraryIndex(cat, text_embedder=emb).refresh()
+    assert report.added == ["new_cup"] and not report.removed and not report.rebuilt
+    index = LibraryIndex.open(cat, text_embedder=emb)
+    assert len(index) == n + 1 and index.search("a steaming mug", k=1)[0].name == "new_cup"
+    # update: new sidecar text -> re-indexed with the new metadata
+    info["description"] = "a shiny trumpet for jazz"
+    info["model"]["description"] = "a shiny trumpet for jazz"
+    path.with_suffix(".civitai.info").write_text(json.dumps(info))
+    cat.scan(lib)
+    report = index.refresh()
+    assert report.added == ["new_cup"] and report.removed == ["new_cup"]
+    assert index.search("trumpet", k=1)[0].name == "new_cup"
+    # remove
+    path.unlink()
+    path.with_suffix(".civitai.info").unlink()
+    cat.scan(lib)
+    report = index.refresh()
+    assert report.removed == ["new_cup"] and len(index) == n
+    assert all(h.name != "new_cup" for h in index.search("trumpet", k=50))
+    assert LibraryIndex(cat, text_embedder=emb).refresh().changed is False
+
+
+def test_rebuilt_when_missing_corrupt_or_incompatible(library, tmp_path):
+    cat, lib = _catalog(library[0], tmp_path)
+    index = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64))
+    index.index_path.write_bytes(b"\0" * 32)
+    report = LibraryIndex(cat, text_embedder=HashingEmbedder(64)).refresh()
+    assert report.rebuilt and "unreadable" in report.reason
+    report = LibraryIndex(cat, text_embedder=HashingEmbedder(32)).refresh()  # another embedder: stale vectors
+    assert report.rebuilt and "changed" in report.reason
+    index.manifest_path.unlink()
+    report = LibraryIndex(cat, text_embedder=HashingEmbedder(32)).refresh()
+    assert report.rebuilt and report.reason == "no index on disk"
+    # a save interrupted between the two files: generations differ
+    good = LibraryIndex.open(cat, text_embedder=HashingEmbedder(32))
+    manifest = json.loads(good.manifest_path.read_text())
+    manifest["generation"] = "0" * 16
+    good.manifest_path.write_text(json.dumps(manifest))
+    assert LibraryIndex(cat, text_embedder=HashingEmbedder(32)).refresh().rebuilt
+
+
+def test_family_is_a_hard_filter(library, tmp_path):
+    cat, lib = _catalog(library[0], tmp_path)
+    index = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64))
+    sd15 = cat.get("sd15_ghost")
+    assert sd15.family == "sd15"
+    prompt = "a floating ghost with a wavy hem and dark eyes, glimmet"
+    for mode in ("fused", "metadata", "lexical", "meta"):
+        tiny = index.search(prompt, k=50, family="tinyworld", mode=mode)
+        assert tiny and all(h.family == "tinyworld" for h in tiny)
+        assert sd15.id not in {h.id for h in tiny}
+    only = index.search(prompt, k=5, family="sd15")
+    assert [h.id for h in only] == [sd15.id]
+    assert sd15.id in {h.id for h in index.search(prompt, k=5)}  # no family: every family
+    assert all(h.family == "tinyworld" for h in index.similar(cat.get("lora_0002").id, k=30))
+
+
+def test_modes_channels_and_similar(library, tmp_path):
+    cat, lib = _catalog(library[0], tmp_path)
+    emb = HashingEmbedder(64)
+    with pytest.raises(ValueError):
+        LibraryIndex.open(cat, text_embedder=emb).search("a ghost", mode="weights")
+    records = {r["name"]: r for r in library[1]}
+    pairs = []
+    for e in cat.all():
+        if e.name in records and records[e.name]["rank"] == 4:
+            m = Metadata.of(e)
+            pairs.append(TrainingPair(lora_svds(cat.load(e.id), 4), captions(m), records[e.name]["concept"],
+                                      m.text(), e.family))
+    enc, _ = train_encoder(pairs, emb, steps=40, batch_size=10, hidden=32, layers=1, heads=2)
+    index = LibraryIndex.open(cat, text_embedder=emb, encoder=enc)
+    assert set(index.vectors) == {"descriptor", "meta", "weights", "joint"}
+    assert sd15_not_encoded(index, cat)
+    hits = index.search("wearing dark round sunglasses", k=3, mode="weights", family="tinyworld")
+    assert hits and set(hits[0].channels) == {"weights"}
+    fused = index.search("wearing dark round sunglasses", k=3, family="tinyworld")
+    assert set(fused[0].channels) == {"joint", "meta", "lexical"} and fused[0].matched
+    assert records[fused[0].name]["concept"] == "glasses"
+    assert all(0 <= h.score <= 1 for h in fused)
+    # descriptor neighbours: the other rank of the same concept comes first
+    for name, rec in list(records.items())[:6]:
+        near = index.similar(name, k=1)[0]
+        assert records[near.name]["concept"] == rec["concept"]
+
+
+def sd15_not_encoded(index, cat):
+    """The encoder was trained on TinyWorld LoRAs: other families get no weights vector."""
+    return cat.get("sd15_ghost").id not in index.members["weights"]
+
+
+def test_fast_reader_matches_read_lora(library, tmp_path):
+    path = library[1][0]["path"]
+    modules, family, metadata = read_factors(path, "tinyworld")
+    ref = read_lora(path)
+    assert family == "tinyworld" and metadata == ref.metadata and set(modules) == set(ref.modules)
+    lora = load_for_index(path)
+    for name, m in ref.modules.items():
+        assert torch.allclose(lora.modules[name].delta_weight(), m.delta_weight(), atol=1e-3)
+    diff = write_lora(ref, tmp_path / "d.safetensors", format="diffusers")
+    a, b = lora_svds(load_for_index(diff, "tinyworld"), 4), lora_svds(ref, 4)
+    assert all(torch.allclose(a[n].S, b[n].S, rtol=1e-3) for n in b)
+
+
+def test_worker_processes_give_the_same_vectors(library, tmp_path, monkeypatch):
+    cat, lib = _catalog(library[0], tmp_path)
+    local = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64), workers=1)
+    vec = {i: local.vector("descriptor", i) for i in local.entries}
+    local.index_path.unlink()
+    monkeypatch.setattr(_FeaturizerPool, "MIN_FILES_FOR_POOL", 0)
+    monkeypatch.setattr(_FeaturizerPool, "CHUNK", 8)
+    pooled = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64), workers=2)
+    assert set(pooled.entries) == set(vec)
+    for i, v in vec.items():
+        assert np.allclose(pooled.vector("descriptor", i), v, atol=1e-5)

@@ -1,0 +1,117 @@
+"""Text side: stemming, metadata captions, BM25 with matched words, and the pluggable embedders."""
+import numpy as np
+import pytest
+import torch
+
+from retrieval.text import (ClipTextEmbedder, HashingEmbedder, HFMeanPoolEmbedder, LexicalIndex, Metadata,
+                            TextEmbedder, captions, default_text_embedder, packaged_model_folder, stem, words)
+
+
+def test_stem_and_words():
+    assert stem("stripes") == stem("striped")
+    assert stem("trees") == stem("tree")
+    assert stem("glasses") == "glass"
+    assert words("A Zorbix, wearing the hat-trick") == ["zorbix", "wearing", "hat", "trick"]
+
+
+def test_metadata_and_captions():
+    m = Metadata(name="lora_7", trigger_words=["zorbix", "red"], description="a round alien creature",
+                 tags=["character", "alien"])
+    assert m.has_text
+    assert m.text().startswith("a round alien creature")
+    caps = captions(m)
+    assert "a round alien creature" in caps and any("zorbix" in c for c in caps) and len(caps) == len(set(caps))
+    bare = Metadata(name="my_pixel_style")
+    assert not bare.has_text and captions(bare) == [] and "pixel" in bare.text()
+    assert m.hash() != bare.hash()
+
+
+def _lexical():
+    docs = [
+        (1, Metadata("ghosty", ["glimmet"], "a floating ghost with a wavy hem", ["character", "ghost"]), "tinyworld"),
+        (2, Metadata("hat", ["hatzel"], "wearing a tall black top hat", ["clothing", "top hat"]), "tinyworld"),
+        (3, Metadata("sd_ghost", ["spookgirl"], "a ghost girl", ["character"]), "sd15"),
+        (4, Metadata("lora_0004"), "tinyworld"),
+    ]
+    return LexicalIndex().build(docs)
+
+
+def test_bm25_scores_matched_words_and_family():
+    lex = _lexical()
+    hits = lex.search("a ghost wearing a hat")
+    assert {h.id for h in hits} == {1, 2, 3}
+    by_id = {h.id: h for h in hits}
+    assert by_id[1].matched == ["ghost"] and set(by_id[2].matched) == {"wearing", "hat"}
+    assert all(0 < h.score <= 1 for h in hits)
+    assert {h.id for h in lex.search("a ghost", family="tinyworld")} == {1}
+    assert lex.search("glimmet")[0].id == 1  # trigger words count most
+    assert lex.search("motorcycle") == []
+    assert lex.df(stem("ghost")) == 2 and stem("hat") in lex.vocab
+
+
+def test_hashing_embedder_is_deterministic_and_normalised():
+    emb = HashingEmbedder(64)
+    assert isinstance(emb, TextEmbedder)
+    a = emb.encode(["a striped ball", "a ball with stripes", "a golden key"])
+    assert a.shape == (3, 64) and np.allclose(np.linalg.norm(a, axis=1), 1)
+    assert a[0] @ a[1] > a[0] @ a[2]
+    assert np.array_equal(a, HashingEmbedder(64).encode(["a striped ball", "a ball with stripes", "a golden key"]))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from studio.tinyworld.tokenizer import build_clip_tokenizer
+
+    folder = tmp_path_factory.mktemp("clip")
+    tok = build_clip_tokenizer(folder / "tokenizer")
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
+                                      eos_token_id=49407, pad_token_id=49407))
+    te.save_pretrained(folder / "text_encoder")
+    return folder, te, tok
+
+
+def test_clip_text_embedder(tiny_clip):
+    folder, te, tok = tiny_clip
+    emb = ClipTextEmbedder(te, tok)
+    x = emb.encode(["a red circle", "a red circle on a black background", ""])
+    assert x.shape == (3, 32) and np.isfinite(x).all() and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    again = ClipTextEmbedder.from_folder(folder)
+    assert np.allclose(again.encode(["a red circle"]), x[:1], atol=1e-5)
+    assert again.fingerprint().endswith(emb.fingerprint().split(":")[-1])
+    eos = ClipTextEmbedder(te, tok, pooling="eos").encode(["a red circle"])
+    assert eos.shape == (1, 32)
+    assert isinstance(default_text_embedder(folder, prefer="clip"), ClipTextEmbedder)
+    with pytest.raises(FileNotFoundError):
+        ClipTextEmbedder.from_folder(folder / "nothing")
+
+
+def _tiny_bert(folder):
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "ghost", "hat", "ball", "key", "the"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(folder)
+
+
+def test_local_sentence_model_and_packaged_folder(tmp_path, monkeypatch):
+    pkg = tmp_path / "site" / "fake_minilm_pkg"
+    (pkg / "model").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    _tiny_bert(pkg / "model")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    folder = packaged_model_folder("fake_minilm_pkg")
+    assert folder == pkg / "model"
+    emb = HFMeanPoolEmbedder(folder)
+    x = emb.encode(["a red ghost", "a hat", "the key"])
+    assert x.shape == (3, 16) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
+    assert emb.fingerprint() == HFMeanPoolEmbedder(folder).fingerprint()
+    assert packaged_model_folder("no_such_package_here") is None
+    assert isinstance(default_text_embedder(None, prefer="auto"), (HashingEmbedder, HFMeanPoolEmbedder))
