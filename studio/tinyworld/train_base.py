@@ -52,6 +52,11 @@ def export_pipeline(vae, unet, text_encoder, tokenizer, out: str | Path) -> None
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
+    # stored in fp16 to keep assets/ small (CPU loads them back as fp32)
+    unet.to(torch.float16).save_pretrained(str(Path(out) / "unet"))
+    text_encoder.to(torch.float16).save_pretrained(str(Path(out) / "text_encoder"))
+    unet.to(torch.float32)
+    text_encoder.to(torch.float32)
 
 
 def main(argv=None):
