@@ -414,12 +414,7 @@ class LoRARuntime:
     def _wrap(self, name: str) -> AdaptedLayer:
         if name in self.layers:
             return self.layers[name]
-        component, path = name.split(".", 1)
-        model = self.components[component]
-        if path.startswith("text_model.") and not hasattr(model, "text_model"):
-            path = path.removeprefix("text_model.")
-        parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
+        parent, attr = self._parent(name)
         layer = AdaptedLayer(getattr(parent, attr), name)
         setattr(parent, attr, layer)
         self.layers[name] = layer
@@ -429,13 +424,17 @@ class LoRARuntime:
         layer = self.layers.pop(name)
         layer.clear()
         layer.release()
+        parent, attr = self._parent(name)
+        setattr(parent, attr, layer.base)
+
+    def _parent(self, name: str) -> tuple[nn.Module, str]:
+        """The module holding the canonically named layer, and the layer's attribute name in it."""
         component, path = name.split(".", 1)
         model = self.components[component]
         if path.startswith("text_model.") and not hasattr(model, "text_model"):
-            path = path.removeprefix("text_model.")
+            path = path.removeprefix("text_model.")  # transformers 5 CLIPTextModel has no text_model level
         parent_path, _, attr = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, attr, layer.base)
+        return (model.get_submodule(parent_path) if parent_path else model), attr
 
     def base_weight(self, name: str) -> torch.Tensor:
         """The original weight of a module (unpatched), by canonical name."""

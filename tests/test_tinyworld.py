@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from studio.tinyworld import catalog as cat
+from studio.tinyworld import train_lora
 from studio.tinyworld.render import render
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,15 +68,8 @@ def test_render_is_deterministic_and_sized():
 
 @pytest.mark.parametrize("concept", [c.name for c in cat.CONCEPTS])
 def test_every_concept_changes_the_picture(concept):
-    c = cat.CONCEPTS_BY_NAME[concept]
     base = cat.Composition(subject="circle", color="red", background="gray", position="left")
-    with_concept = cat.Composition(**{**base.to_dict()})
-    if c.category == "character":
-        with_concept.subject = concept
-    elif c.category == "background":
-        with_concept.background = concept
-    else:
-        setattr(with_concept, c.category, concept)
+    with_concept = train_lora.with_concept(cat.Composition(**base.to_dict()), concept)
     diff = np.abs(render(base, seed=0).astype(int) - render(with_concept, seed=0).astype(int)).mean()
     assert diff > 1.0, f"{concept} barely changes the render ({diff:.2f})"
 
