@@ -73,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--noise-offset", type=float, default=0.1,
                     help="per-image, per-channel constant added to the noise, so that the global colour of a "
                          "picture is learned from the text rather than read from the noise (16x16 latents leak it)")
+    ap.add_argument("--init", default=None, help="start from this pipeline folder's UNet and text encoder "
+                    "(e.g. assets/tinyworld) when no checkpoint exists, with a fresh optimizer")
     ap.add_argument("--export", action="store_true", help="only export the pipeline from the checkpoint")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,11 +100,18 @@ def main(argv=None):
 
     torch.manual_seed(0)
     unet, text_encoder = build_unet(), build_text_encoder()
+    ckpt = work / "ckpt.pt"
+    if args.init and not ckpt.exists():
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32)
+        text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder", dtype=torch.float32)
+        print(f"initialised from {args.init}")
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     step, seconds = 0, 0.0
-    ckpt = work / "ckpt.pt"
     if ckpt.exists():
         st = torch.load(ckpt, weights_only=True)
         unet.load_state_dict(st["unet"])
