@@ -205,7 +205,7 @@ class ClipTextEmbedder:
         tok = folder / "tokenizer" if (folder / "tokenizer").is_dir() else te
         if not (te / "config.json").is_file():
             raise FileNotFoundError(f"no CLIP text encoder in {folder} (expected text_encoder/config.json)")
-        return cls(CLIPTextModel.from_pretrained(str(te), local_files_only=True),
+        return cls(CLIPTextModel.from_pretrained(str(te), local_files_only=True, dtype=torch.float32),
                    CLIPTokenizer.from_pretrained(str(tok), local_files_only=True), name=f"clip:{folder.name}", **kw)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
