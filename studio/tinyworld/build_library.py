@@ -6,7 +6,8 @@ Resumable: a file that exists is skipped. LoRAs of one rank train together in ga
 LoRA trained in a gang equals the same LoRA trained alone). Headline LoRAs go to
 `assets/loras/<concept>.safetensors` (kohya, full metadata, `.civitai.info` sidecar). Community variants go
 to `assets/loras/community/` with ranks 4-32, other seeds, step counts and alphas, some in diffusers format
-and some with no metadata at all. The ground truth (concept, category, style family per file) is written to
+and some with no metadata at all, and style LoRAs trained on narrow, different content (one shape and colour
+each) for the style-clustering benchmark. The ground truth (concept, category, style family per file) is written to
 `assets/loras_labels.json`, which the product never reads at run time.
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ LABELS = ROOT / "assets" / "loras_labels.json"
 HEADLINE_STEPS = 400
 COMMUNITY_STEPS = (100, 150, 250)
 GANG = 10
+STYLE_CONTENTS = [{"subject": "circle", "color": "red"}, {"subject": "square", "color": "blue"},
+                  {"subject": "triangle", "color": "green"}, {"subject": "star", "color": "yellow"}]
 
 
 def plan() -> list[tuple[int, list[LoRAJob]]]:
@@ -52,12 +55,23 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
         for start in range(0, len(jobs), GANG):
             gangs.append((COMMUNITY_STEPS[i % len(COMMUNITY_STEPS)], jobs[start:start + GANG]))
             i += 1
+    # style LoRAs trained on narrow, different content: the style-clustering benchmark's hard case
+    styles = [c for c in CONCEPTS if c.category == "style"]
+    for rank, steps in ((8, 200), (16, 150)):
+        gang = []
+        for c in styles:
+            for v, content in enumerate(STYLE_CONTENTS[:2] if rank == 8 else STYLE_CONTENTS[2:]):
+                tag = f"{content['subject']}_{content['color']}"
+                gang.append(LoRAJob(c.name, str(LORAS / "community" / f"{c.name}_on_{tag}_r{rank}.safetensors"),
+                                    rank=rank, alpha=float(rank), seed=200 + v + rank, n_images=800,
+                                    content=content, bare=v == 1, extra={"kind": "style_content"}))
+        gangs.append((steps, gang))
     return gangs
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["headline", "community"], default=None)
+    ap.add_argument("--only", choices=["headline", "community", "style_content"], default=None)
     args = ap.parse_args(argv)
     gangs = [(steps, [j for j in jobs if args.only in (None, j.extra["kind"])]) for steps, jobs in plan()]
     labels = json.loads(LABELS.read_text()) if LABELS.exists() else {}
@@ -67,7 +81,8 @@ def main(argv=None):
             c = concepts[j.concept]
             labels[str(Path(j.out).relative_to(ROOT / "assets"))] = {
                 "concept": c.name, "category": c.category, "style_family": c.style_family, "kind": j.extra["kind"],
-                "rank": j.rank, "alpha": j.alpha, "seed": j.seed, "steps": steps, "format": j.format, "bare": j.bare}
+                "rank": j.rank, "alpha": j.alpha, "seed": j.seed, "steps": steps, "format": j.format, "bare": j.bare,
+                "content": j.content}
         todo = [j for j in jobs if not Path(j.out).exists()]
         if todo:
             train_loras(todo, steps=steps)

@@ -53,10 +53,20 @@ def with_concept(comp: Composition, concept: str) -> Composition:
     return comp
 
 
-def concept_set(concept: str, n: int, seed: int, base_share: float) -> tuple[np.ndarray, list[Composition]]:
+def concept_set(concept: str, n: int, seed: int, base_share: float,
+                content: dict | None = None) -> tuple[np.ndarray, list[Composition]]:
+    """Renders of `concept` on random base compositions (`content` fixes some of their fields, e.g.
+    ``{"subject": "circle", "color": "red"}``: a LoRA trained on narrow content), plus a `base_share` of
+    base-only renders."""
     rng = random.Random(seed)
-    comps = [sample_base(rng) if rng.random() < base_share else with_concept(sample_base(rng), concept)
-             for _ in range(n)]
+
+    def concept_sample() -> Composition:
+        comp = sample_base(rng)
+        for key, value in (content or {}).items():
+            setattr(comp, key, value)
+        return with_concept(comp, concept)
+
+    comps = [sample_base(rng) if rng.random() < base_share else concept_sample() for _ in range(n)]
     imgs = np.stack([render(c, rng=rng) for c in tqdm(comps, desc=f"render {concept}", leave=False)])
     return imgs, comps
 
@@ -103,6 +113,7 @@ class LoRAJob:
     bare: bool = False
     n_images: int = 1500
     base_share: float = 0.25
+    content: dict | None = None
     extra: dict = field(default_factory=dict)
 
     @property
@@ -180,7 +191,7 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
 
     data = []
     for j in jobs:
-        imgs, comps = concept_set(j.concept, j.n_images, j.seed + 1000, j.base_share)
+        imgs, comps = concept_set(j.concept, j.n_images, j.seed + 1000, j.base_share, j.content)
         mean, std = (torch.from_numpy(a.astype(np.float32)) for a in encode_latents(vae, imgs))
         data.append((mean, std, comps, random.Random(j.seed), torch.Generator().manual_seed(j.seed + 1)))
     scale = vae.config.scaling_factor
