@@ -36,9 +36,13 @@ class Judge(nn.Module):
         )
         self.heads = nn.ModuleDict({k: nn.Linear(8 * w, len(v)) for k, v in LABEL_HEADS.items()})
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled features every head reads: (batch, 8·width)."""
         h = self.features(x)
-        h = torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+        return torch.cat([h.mean(dim=(2, 3)), h.amax(dim=(2, 3))], dim=1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.embed(x)
         return {k: head(h) for k, head in self.heads.items()}
 
 
@@ -71,6 +75,12 @@ class JudgeModel:
             for k, v in self.net(x[i: i + 256]).items():
                 out.setdefault(k, []).append(v.softmax(-1).numpy())
         return {k: np.concatenate(v) for k, v in out.items()}
+
+    @torch.no_grad()
+    def embed(self, images) -> np.ndarray:
+        """Image embeddings (the features under the heads): (n, 8·width)."""
+        x = _prep(images)
+        return np.concatenate([self.net.embed(x[i: i + 256]).numpy() for i in range(0, len(x), 256)])
 
     def predict(self, images) -> list[dict[str, str]]:
         p = self.probs(images)

@@ -1,0 +1,104 @@
+"""Style clustering from weights: invariances, automatic number of clusters, naming, the map."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.metrics import adjusted_rand_score
+
+from retrieval.clustering import (cluster_styles, coords_2d, metadata_words, name_clusters, style_features,
+                                  style_map)
+from studio.library.canonical import LoRA, ModuleLoRA
+
+MODULES = ["unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
+           "unet.up_blocks.2.attentions.1.transformer_blocks.0.attn2.to_out.0",
+           "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v"]
+
+
+def style_library(n_styles=4, per_style=6, seed=0):
+    """Each style is a fixed set of output directions (B); every variant has its own random A (as LoRA training
+    leaves it), its own rank and alpha, and noise on B."""
+    g = torch.Generator().manual_seed(seed)
+    styles = [{m: torch.randn(64, 4, generator=g) for m in MODULES} for _ in range(n_styles)]
+    loras, truth = [], []
+    for s in range(n_styles):
+        for v in range(per_style):
+            r = (4, 8, 16)[v % 3]
+            mods = {}
+            for m in MODULES:
+                B = torch.cat([styles[s][m], 0.2 * torch.randn(64, r - 4, generator=g)], 1)
+                B = B + 0.15 * torch.randn(64, r, generator=g)
+                mods[m] = ModuleLoRA("lora", {"down": torch.randn(r, 64, generator=g) / r, "up": B},
+                                     alpha=float((r, r / 2, 1)[v % 3]))
+            loras.append(LoRA(mods, family="tinyworld"))
+            truth.append(s)
+    return loras, truth
+
+
+def test_styles_cluster_together_across_seeds_ranks_and_alphas():
+    loras, truth = style_library()
+    result = cluster_styles(style_features(loras))
+    assert result.k == 4
+    assert adjusted_rand_score(truth, result.labels) == 1.0
+    assert result.silhouette > 0.5
+    assert np.bincount(result.labels).tolist() == sorted(np.bincount(result.labels).tolist(), reverse=True)
+
+
+def test_features_ignore_the_inner_basis_and_the_scale():
+    loras, _ = style_library(n_styles=2, per_style=3)
+    m = loras[0].modules[MODULES[0]]
+    R = torch.linalg.qr(torch.randn(m.factors["up"].shape[1], m.factors["up"].shape[1]))[0] * 3.0
+    twin = LoRA({k: ModuleLoRA("lora", {"down": torch.linalg.inv(R) @ v.factors["down"], "up": v.factors["up"] @ R},
+                               alpha=v.alpha * 7) for k, v in loras[0].modules.items()}, family="tinyworld")
+    X = style_features(loras + [twin])
+    assert float(X[0] @ X[-1]) > 0.999
+
+
+def test_fixed_k_and_tiny_libraries():
+    loras, truth = style_library(n_styles=3, per_style=4)
+    X = style_features(loras)
+    assert cluster_styles(X, k=2).k == 2
+    assert cluster_styles(X[:2]).k == 1
+
+
+def test_ten_thousand_descriptors_go_through_the_micro_cluster_path():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(12, 16))
+    truth = rng.integers(0, 12, 4000)
+    X = centres[truth] + 0.3 * rng.normal(size=(4000, 16))
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    result = cluster_styles(X.astype(np.float32))
+    assert result.k == 12
+    assert adjusted_rand_score(truth, result.labels) > 0.98
+
+
+def test_names_come_from_metadata_words_and_fall_back_to_numbers():
+    labels = np.array([0, 0, 0, 1, 1, 2])
+    words = [metadata_words(["zq_stripes", "stripes style"]), metadata_words(["stripes, striped"]),
+             metadata_words(["zq_stripes"]), metadata_words(["polka dots"]), metadata_words(["polka"]), []]
+    names = name_clusters(labels, words)
+    assert names[0].startswith("zq_stripes") or names[0].startswith("stripes")
+    assert "style" not in names[0]
+    assert names[1].split(" / ")[0] == "polka"
+    assert names[2] == "cluster 2"
+
+
+def test_the_map_draws_every_lora_in_its_cluster_colour(tmp_path):
+    loras, truth = style_library(n_styles=3, per_style=4)
+    X = style_features(loras)
+    result = cluster_styles(X)
+    thumbs = [Image.new("RGB", (64, 64), (255, 0, 0))] * len(X)
+    out = style_map(coords_2d(X), result.labels, thumbs, str(tmp_path / "map.png"), cluster_names=["a", "b", "c"])
+    img = np.asarray(Image.open(out))
+    assert img.shape[0] == 1100
+    assert (np.all(img == [255, 0, 0], axis=-1)).sum() >= 40 * 40 * 3   # thumbnails pasted (some may overlap)
+    assert (np.all(img == [31, 119, 180], axis=-1)).sum() > 0            # cluster 0's colour
+
+
+@pytest.mark.parametrize("bad", ["no attention modules"])
+def test_a_library_without_style_layers_is_a_clear_error(bad):
+    lora = LoRA({"unet.conv_in": ModuleLoRA("lora", {"down": torch.randn(4, 8), "up": torch.randn(8, 4)})},
+                family="tinyworld")
+    with pytest.raises(ValueError, match="style layers"):
+        style_features([lora, lora, lora])
