@@ -45,12 +45,14 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--library", default=str(ROOT / "assets" / "loras"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "single_lora.json"))
+    ap.add_argument("--concepts", default=None, help="comma-separated subset (a quick check; not for the result)")
     args = ap.parse_args(argv)
 
     studio = Studio(library=args.library)
     judge = JudgeModel()
     report = {}
-    for concept in CONCEPTS:
+    chosen = [c for c in CONCEPTS if args.concepts is None or c.name in args.concepts.split(",")]
+    for concept in chosen:
         rng = random.Random(hash(concept.name) % 10_000)
         comps = [with_concept(sample_base(rng), concept.name) for _ in range(args.n)]
         prompts = [caption(c, rng) for c in comps]
