@@ -8,6 +8,9 @@ from .plan import METHODS, LoRARef, Plan
 from .runtime import LoRARuntime
 from .schedules import (SCHEDULES, Binding, BlockWise, Composite, Merge, MergeOptions, Pass, Schedule, Switch,
                         build_schedule, resolve_step)
+from .cmlora import CMLoRA, frequency_scores
+from .gated import Gated, GateParams
+from .klora import KLoRA
 from .syntax import PromptSyntaxError, format_tag, parse_prompt, plan_from_prompt
 
 __all__ = [
@@ -16,5 +19,6 @@ __all__ = [
     "LoRARuntime",
     "SCHEDULES", "Binding", "BlockWise", "Composite", "Merge", "MergeOptions", "Pass", "Schedule", "Switch",
     "build_schedule", "resolve_step",
+    "CMLoRA", "frequency_scores", "Gated", "GateParams", "KLoRA",
     "PromptSyntaxError", "format_tag", "parse_prompt", "plan_from_prompt",
 ]

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-METHODS = ("merge", "blockwise", "switch", "composite")
+METHODS = ("merge", "blockwise", "switch", "composite", "cmlora", "gated", "klora")
 
 
 @dataclass(frozen=True)

@@ -368,6 +368,13 @@ class Composite(Schedule):
 
 SCHEDULES = {"merge": Merge, "blockwise": BlockWise, "switch": Switch, "composite": Composite}
 
+# methods in their own modules (they import this one, so they register after the classes above exist)
+from .cmlora import CMLoRA  # noqa: E402
+from .gated import Gated  # noqa: E402
+from .klora import KLoRA  # noqa: E402
+
+SCHEDULES.update({"cmlora": CMLoRA, "gated": Gated, "klora": KLoRA})
+
 
 def build_schedule(plan: Plan) -> Schedule:
     """The schedule a plan describes: ``SCHEDULES[plan.method](plan.loras, **plan.params)``."""
