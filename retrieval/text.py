@@ -198,6 +198,7 @@ class ClipTextEmbedder:
     @classmethod
     def from_folder(cls, folder: str | Path, **kw) -> ClipTextEmbedder:
         """From a diffusers pipeline folder (``text_encoder/`` + ``tokenizer/``) or a text encoder folder."""
+        import torch
         from transformers import CLIPTextModel, CLIPTokenizer
 
         folder = Path(folder)
