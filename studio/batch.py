@@ -17,7 +17,9 @@ How a run goes (`run_batch`, also `Studio.generate_batch` and ``studio batch JOB
 2. each job's seeds are cut into fixed chunks of `batch_size` (default 1: one image per pipeline call); a chunk
    is one pipeline call, so an image depends only on its job and its chunk, never on the order of the jobs, on
    how they are grouped, on the engine or on a resume (with ``batch_size=1`` it equals
-   ``Studio.generate(prompt, n=1, seed=s)`` bit for bit);
+   ``Studio.generate(prompt, n=1, seed=s)``: bit for bit without LoRAs; with LoRAs up to the fusion runtime's
+   float rounding, a level on a few pixels, since its cost model may fold a LoRA into a weight on one call and
+   run it low-rank on the next);
 3. chunks are grouped by LoRA set (fewest LoRA switches) and run locally, or fanned out over Ray actors
    (``engine="ray"``: one per GPU, else `workers` CPU actors), whole groups per actor;
 4. each finished image is written as ``<job id>-seed<seed>.png`` (temporary file, then an atomic rename) and then

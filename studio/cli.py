@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ray: fan out over Ray workers (one per GPU, else --workers CPU workers)")
     b.add_argument("--workers", type=int, default=None, help="number of Ray workers (default: GPUs, else CPUs)")
     b.add_argument("--batch-size", type=int, default=1,
-                   help="seeds of one job per pipeline call (1: each image equals `generate --n 1` exactly)")
+                   help="seeds of one job per pipeline call (1: each image equals `generate --n 1` with its seed)")
     b.add_argument("--sampler", choices=["dpm++", "ddim"], default="dpm++")
     b.add_argument("--model", default=None, help="SD1.5/SDXL diffusers folder or .safetensors checkpoint")
     b.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")
