@@ -199,6 +199,7 @@ class Studio:
 
         for p in set(prompts):
             validate_request(p, 1, steps, cfg)
+        self.last_picks = []
         if isinstance(loras, str) and loras == "auto":
             from retrieval.studio import resolve_loras
 
@@ -307,7 +308,7 @@ class Studio:
                 raise StudioInputError(f"{out_png}: the style map is a .png file")
             out_png.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return cluster_library(entries, lambda e: self._cache.get(e.name), self.family,
+            return cluster_library(entries, lambda e: catalog.load(e.id), self.family,
                                    out_png=str(out_png) if out_png is not None else None,
                                    thumbnail=lambda e: self._thumbnail(e, previews, preview_steps), k=k,
                                    progress=progress)
