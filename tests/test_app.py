@@ -145,3 +145,23 @@ def test_an_empty_library_is_handled(empty_app):
     image, status, rows = empty_app.style_map(True, 0, False)
     assert image is None and "no LoRA to cluster" in status
     assert isinstance(empty_app.build(), gr.Blocks)
+
+
+def test_add_remove_rows_and_the_batch_tab(studio_app, tmp_path):
+    rows, prompt = studio_app.add_lora("a blue circle", [], "stripes_r4_s0")
+    assert rows == [["stripes_r4_s0", 1.0, "", None, None]] and "strypo" in prompt  # its trigger word
+    assert studio_app.add_lora(prompt, rows, "stripes_r4_s0") == (rows, prompt)  # not twice
+    assert studio_app.remove_lora(rows, "stripes_r4_s0") == []
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"id": "a", "prompt": "a red star", "seeds": [0, 1], "steps": 2}\n'
+                    '{"id": "b", "prompt": "a blue circle", "loras": ["hat_r4_s0"], "seed": 4, "steps": 2}\n')
+    progress = Progress()
+    archive, status, gallery = studio_app.batch(str(jobs), 1, progress)
+    import zipfile
+
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == ["a-seed0.png", "a-seed1.png", "b-seed4.png", "manifest.jsonl"]
+    assert "3 generated" in status and len(gallery) == 3 and progress.calls[-1] == (3, 3)
+    _, status, _ = studio_app.batch(str(jobs), 1, Progress())  # the same file again: resumed, nothing new
+    assert "0 generated, 3 already done" in status
