@@ -4,14 +4,19 @@
 
 - fast (plain LoRA / LoCon): every LoRA's down factor concatenated into one ``(Σr, in[, kh, kw])`` and up
   factor into one ``(out, Σr)`` with each LoRA's ``alpha/rank`` folded in, so N LoRAs cost two matmuls (convs);
-  the per-sample weights are a ``[batch, Σr]`` scale on the rank axis (each LoRA's weight repeated over its ranks),
-  so CFG branches and Composite's per-LoRA passes carry different weights in one batched call;
-- dense (LoHa, LoKr, Tucker LoCon, DoRA): each LoRA's ΔW, scaled by its per-sample weight.
+- dense (LoHa, LoKr, Tucker LoCon, DoRA): each LoRA's ΔW, scaled by its weight.
 
 A layer is in one of three modes, which the runtime sets before each forward of its model:
 ``off`` (base only), ``lowrank`` (base + LoRA outputs) or ``patched`` (the current weights folded into the base
-weight, ``W = W0 + Σ w_i ΔW_i``, used when every sample shares the weights: one dense layer, no extra op). The
-original weight ``W0`` is kept, so restoring is a copy: bit-exact.
+weight, ``W = W0 + Σ w_i ΔW_i``: one dense layer, no extra op). The original weight ``W0`` is kept, so restoring
+is a copy: bit-exact. A ``lowrank`` layer runs one of three plans:
+
+- ``shared``: every sample has the same weights; they are folded into the factors once (``up · diag(w)``, and
+  the dense ΔWs summed), so the forward is ``y += (x · downᵀ) · up_wᵀ`` (an in-place ``addmm`` without grad);
+- ``segments`` (no grad): consecutive samples share weights (CFG halves, Composite's passes); each segment runs
+  only the ranks of its non-zero LoRAs on its own rows, with its weights folded into ``up``;
+- ``per_sample``: a ``[batch, Σr]`` scale on the rank axis (each LoRA's weight repeated over its ranks), so the
+  whole batch runs in one call with different weights per sample; differentiable in the weights (gate training).
 """
 from __future__ import annotations
 
@@ -20,13 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 OFF, LOWRANK, PATCHED = "off", "lowrank", "patched"
+SHARED, SEGMENTS, PER_SAMPLE = "shared", "segments", "per_sample"
 ADAPTABLE = (nn.Linear, nn.Conv2d)
 
 
 class AdaptedLayer(nn.Module):
     """A Linear or Conv2d plus its active LoRAs; attributes it lacks are read from the wrapped module."""
 
-    OP_COST = 100_000  # multiply-adds that one small op's dispatch costs (CPU); for `lowrank_cost`
+    # Cost model (CPU-ish units: one multiply-add = 1): one small op's dispatch, and one float read or written.
+    OP_COST = 100_000
+    MEM_COST = 4
 
     def __init__(self, base: nn.Module, name: str):
         super().__init__()
@@ -46,8 +54,19 @@ class AdaptedLayer(nn.Module):
         self.dense: torch.Tensor | None = None  # [n_dense, *weight.shape]
         self.original: torch.Tensor | None = None  # the weight before any patch
         self.patched = False
-        self.s_fast: torch.Tensor | None = None  # [batch or 1, Σr]
-        self.s_dense: torch.Tensor | None = None  # [batch or 1, n_dense]
+        self.tokens: int | None = None  # rows (tokens / conv output positions) of the last forward, all samples
+        self.batch: int | None = None  # samples of the last forward
+        self._reset_plan()
+
+    def _reset_plan(self) -> None:
+        state = self.__dict__
+        state["plan"] = None
+        state["up_w"] = None  # shared: [out, Σr], the weights folded in
+        state["dense_w"] = None  # shared: Σ w_i ΔW_i
+        state["segments"] = []  # segments: [(b0, b1, k0, k1, up[:, k0:k1] · w)]
+        state["s_fast"] = None  # per_sample: [batch or 1, Σr]
+        state["s_dense"] = None  # per_sample / segments: [batch or 1, n_dense]
+        state["seg_batch"] = None
 
     def __getattr__(self, name):
         try:
@@ -57,10 +76,12 @@ class AdaptedLayer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        for key in ("down", "up", "dense", "original"):
-            t = self.__dict__.get(key)
+        state = self.__dict__
+        for key in ("down", "up", "dense", "original", "up_w", "dense_w", "s_fast", "s_dense"):
+            t = state.get(key)
             if t is not None:
-                self.__dict__[key] = fn(t)
+                state[key] = fn(t)
+        state["segments"] = [(b0, b1, k0, k1, fn(u)) for b0, b1, k0, k1, u in state.get("segments", [])]
         return self
 
     # ---------------------------------------------------------------- setup
@@ -96,18 +117,56 @@ class AdaptedLayer(nn.Module):
         self.dense_ids = [i for i, _ in dense]
         self.dense = torch.stack([d.detach().reshape(w.shape) for _, d in dense]).to(**kw) if dense else None
         self.mode = OFF
-        self.s_fast = self.s_dense = None
+        self._reset_plan()
 
     def clear(self) -> None:
         self.restore()
         self.fast_ids, self.fast_ranks, self.dense_ids = [], [], []
         self.down = self.up = self.dense = None
         self.mode = OFF
-        self.s_fast = self.s_dense = None
+        self._reset_plan()
 
     @property
     def has_loras(self) -> bool:
         return self.down is not None or self.dense is not None
+
+    # ---------------------------------------------------------------- plans (set by the runtime)
+
+    def set_off(self) -> None:
+        self._reset_plan()
+        self.__dict__["mode"] = OFF
+
+    def set_shared(self, w_fast: torch.Tensor | None, w_dense: torch.Tensor | None) -> None:
+        """Every sample has these weights (per rank for fast LoRAs, per LoRA for dense ones; None: all 0)."""
+        self._reset_plan()
+        state = self.__dict__
+        if w_fast is not None and self.down is not None:
+            state["up_w"] = self.up * w_fast.to(self.up.dtype)
+        if w_dense is not None and self.dense is not None:
+            state["dense_w"] = torch.tensordot(w_dense.to(self.dense.dtype), self.dense, dims=1)
+        state["plan"] = SHARED
+        state["mode"] = LOWRANK if state["up_w"] is not None or state["dense_w"] is not None else OFF
+
+    def set_segments(self, segments: list[tuple[int, int, int, int, torch.Tensor]],
+                     s_dense: torch.Tensor | None, batch: int) -> None:
+        """Rows ``b0:b1`` (of `batch`) run ranks ``k0:k1`` with weights ``w [k1 - k0]`` folded into ``up``; dense
+        LoRAs per sample (``s_dense [batch, n_dense]``)."""
+        self._reset_plan()
+        state = self.__dict__
+        state["seg_batch"] = batch
+        state["segments"] = [(b0, b1, k0, k1, self.up[:, k0:k1] * w.to(self.up.dtype)) for b0, b1, k0, k1, w in segments]
+        state["s_dense"] = s_dense if self.dense is not None else None
+        state["plan"] = SEGMENTS
+        state["mode"] = LOWRANK if segments or state["s_dense"] is not None else OFF
+
+    def set_per_sample(self, s_fast: torch.Tensor | None, s_dense: torch.Tensor | None) -> None:
+        """Per-sample scales ``[batch or 1, Σr]`` / ``[batch or 1, n_dense]`` (None: all 0)."""
+        self._reset_plan()
+        state = self.__dict__
+        state["s_fast"] = s_fast if self.down is not None else None
+        state["s_dense"] = s_dense if self.dense is not None else None
+        state["plan"] = PER_SAMPLE
+        state["mode"] = LOWRANK if state["s_fast"] is not None or state["s_dense"] is not None else OFF
 
     # ---------------------------------------------------------------- forward
 
@@ -119,33 +178,90 @@ class AdaptedLayer(nn.Module):
             y = base._conv_forward(x, base.weight, base.bias)
         else:
             y = F.linear(x, base.weight, base.bias)
+        state = self.__dict__
         # rows the layer processes (tokens, or output positions of a conv), for the runtime's cost model
-        self.__dict__["tokens"] = x.numel() // x.shape[1] if self.is_conv else x.numel() // x.shape[-1]
-        if self.mode != LOWRANK:
+        state["tokens"] = x.numel() // x.shape[1] if self.is_conv else x.numel() // x.shape[-1]
+        state["batch"] = x.shape[0]  # a 2-D Linear input is [batch, features]: one row per sample
+        if state["mode"] != LOWRANK:
             return y
-        return y + self.lora_output(x)
+        inplace = not torch.is_grad_enabled() and y.is_contiguous()
+        plan = state["plan"]
+        if plan == SHARED:
+            if state["up_w"] is not None:
+                y = self._accumulate(y, self._op(x, self.down), state["up_w"], inplace)
+            if state["dense_w"] is not None:
+                d = self._op(x, state["dense_w"])
+                y = y.add_(d) if inplace else y + d
+            return y
+        if plan == SEGMENTS:
+            self._check_batch(x.shape[0], state["seg_batch"])
+            if not inplace:
+                y = y.clone(memory_format=torch.contiguous_format)
+            for b0, b1, k0, k1, up in state["segments"]:
+                self._accumulate(y[b0:b1], self._op(x[b0:b1], self.down[k0:k1]), up, True)
+            if state["s_dense"] is not None:
+                y.add_(self._dense_output(x))
+            return y
+        out = self.lora_output(x)
+        return y.add_(out) if inplace else y + out
 
-    def lowrank_cost(self) -> tuple[float, float] | None:
-        """Estimated multiply-adds of ``(re-folding the weights once, one low-rank forward)``; None if unknown.
+    def _accumulate(self, y: torch.Tensor, h: torch.Tensor, up: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """``y + up-projection of h`` (in place, as one fused matmul-add, when allowed)."""
+        if self.is_conv:
+            if inplace and h.is_contiguous():
+                b, r = h.shape[0], h.shape[1]
+                y.view(b, y.shape[1], -1).baddbmm_(up.expand(b, -1, -1), h.view(b, r, -1))
+                return y
+            d = F.conv2d(h, up[:, :, None, None])
+        else:
+            if inplace:
+                y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+                return y
+            d = F.linear(h, up)
+        return y.add_(d) if inplace else y + d
 
-        Each small op also costs `OP_COST` (dispatch overhead): folding is 2 ops, the low-rank path 4.
+    def _check_batch(self, batch: int, expected: int) -> None:
+        if batch != expected:
+            raise RuntimeError(f"{self.name}: the runtime prepared weights for a batch of {expected}, but the "
+                               f"layer sees a batch of {batch}")
+
+    def lowrank_cost(self, rank: int | None = None) -> tuple[float, float] | None:
+        """Estimated cost of ``(re-folding the weights once, one low-rank forward)``; None if unknown.
+
+        Multiply-adds, plus `MEM_COST` per float read or written (folding reads W0 and writes W; the low-rank
+        path re-reads the input and updates the output), plus `OP_COST` per op (folding 2, low-rank 3).
+        `rank`: the ranks that run (default: all).
         """
         tokens = self.__dict__.get("tokens")
         if tokens is None or self.down is None or self.dense is not None:
             return None
         w = self.base.weight
-        r, out, inp = self.down.shape[0], w.shape[0], w[0].numel()
-        return out * inp * r + 2 * self.OP_COST, tokens * (inp + out) * r + 4 * self.OP_COST
+        r = self.down.shape[0] if rank is None else rank
+        out, inp = w.shape[0], w[0].numel()
+        fold = out * inp * (r + 2 * self.MEM_COST) + 2 * self.OP_COST
+        lowrank = tokens * ((inp + out) * r + (inp + 2 * out) * self.MEM_COST) + 3 * self.OP_COST
+        return fold, lowrank
 
     def lowrank_cheaper(self) -> bool:
         cost = self.lowrank_cost()
         return cost is not None and cost[1] < cost[0]
 
+    def segments_cheaper(self, rows_ranks: list[tuple[int, int]], batch: int) -> bool:
+        """Whether per-segment low-rank products (``(rows, ranks)`` per active segment) beat one batched product of
+        all ranks over `batch` rows with per-sample scales."""
+        w = self.base.weight
+        out, inp = w.shape[0], w[0].numel()
+        r_all = self.down.shape[0]
+        tokens, seen = self.__dict__.get("tokens"), self.__dict__.get("batch")
+        per_sample = tokens / seen if tokens and seen else 1e9  # unknown: compare the arithmetic only
+        batched = per_sample * batch * ((inp + out) * r_all + (inp + 2 * out + 2 * r_all) * self.MEM_COST)
+        seg = sum(per_sample * n * ((inp + out) * r + (inp + 2 * out) * self.MEM_COST) for n, r in rows_ranks)
+        return seg + 4 * len(rows_ranks) * self.OP_COST < batched + 4 * self.OP_COST
+
     def _per_sample(self, s: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Reshape a ``[batch or 1, k]`` scale to broadcast against an activation with k channels."""
-        if s.shape[0] != 1 and s.shape[0] != h.shape[0]:
-            raise RuntimeError(f"{self.name}: the runtime prepared weights for a batch of {s.shape[0]}, but the "
-                               f"layer sees a batch of {h.shape[0]}")
+        if s.shape[0] != 1:
+            self._check_batch(h.shape[0], s.shape[0])
         if self.is_conv:
             return s.reshape(s.shape[0], s.shape[1], *[1] * (h.dim() - 2))
         return s.reshape(s.shape[0], *[1] * (h.dim() - 2), s.shape[1]) if s.shape[0] != 1 else s[0]
@@ -157,40 +273,42 @@ class AdaptedLayer(nn.Module):
             return F.conv2d(x, weight, None, b.stride, b.padding, b.dilation, b.groups)
         return F.linear(x, weight)
 
+    def _dense_output(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.s_dense.to(self.dense.dtype)
+        if s.shape[0] == 1:
+            return self._op(x, torch.tensordot(s[0], self.dense, dims=1))
+        d = None
+        for i in range(self.dense.shape[0]):
+            term = self._op(x, self.dense[i])
+            self._check_batch(term.shape[0], s.shape[0])
+            term = term * s[:, i].reshape((-1,) + (1,) * (term.dim() - 1))
+            d = term if d is None else d + term
+        return d
+
     def lora_output(self, x: torch.Tensor) -> torch.Tensor:
+        """The LoRAs' output on the per-sample plan (the reference path: per-sample scales on the rank axis)."""
         out = None
-        if self.down is not None:
+        if self.s_fast is not None:
             h = self._op(x, self.down)
             h = h * self._per_sample(self.s_fast.to(h.dtype), h)
             out = F.conv2d(h, self.up[:, :, None, None]) if self.is_conv else F.linear(h, self.up)
-        if self.dense is not None:
-            s = self.s_dense.to(self.dense.dtype)
-            if s.shape[0] == 1:
-                combined = torch.tensordot(s[0], self.dense, dims=1)
-                d = self._op(x, combined)
-            else:
-                d = None
-                for i in range(self.dense.shape[0]):
-                    term = self._op(x, self.dense[i])
-                    if s.shape[0] != term.shape[0]:
-                        raise RuntimeError(f"{self.name}: the runtime prepared weights for a batch of {s.shape[0]}, "
-                                           f"but the layer sees a batch of {term.shape[0]}")
-                    term = term * s[:, i].reshape((-1,) + (1,) * (term.dim() - 1))
-                    d = term if d is None else d + term
+        if self.s_dense is not None:
+            d = self._dense_output(x)
             out = d if out is None else out + d
         return out
 
     # ---------------------------------------------------------------- patching
 
     def patch(self, w_fast: torch.Tensor | None, w_dense: torch.Tensor | None) -> None:
-        """Fold the weights (per rank for fast LoRAs, per LoRA for dense ones) into the base weight."""
+        """Fold the weights (per rank for fast LoRAs, per LoRA for dense ones; None: all 0) into the base weight."""
         weight = self.base.weight
         if self.original is None:
             self.original = weight.detach().clone()
         # everything below writes through .data and uses factors that need no grad: no autograd graph
         flat = (weight.shape[0], -1)
-        if self.down is not None and w_fast is not None and bool(w_fast.any()):
-            scaled = self.up * w_fast.to(device=self.up.device, dtype=self.up.dtype)
+        self._reset_plan()
+        if self.down is not None and w_fast is not None:
+            scaled = self.up * w_fast.detach().to(device=self.up.device, dtype=self.up.dtype)
             if weight.dtype == torch.float32:
                 torch.addmm(self.original.view(flat), scaled, self.down.view(self.down.shape[0], -1),
                             out=weight.data.view(flat))
@@ -199,11 +317,13 @@ class AdaptedLayer(nn.Module):
                 weight.data.copy_((self.original.float().view(flat) + delta).view(weight.shape))
         else:
             weight.data.copy_(self.original)
-        if self.dense is not None and w_dense is not None and bool(w_dense.any()):
-            w = w_dense.to(device=self.dense.device, dtype=torch.float32)
+        if self.dense is not None and w_dense is not None:
+            w = w_dense.detach().to(device=self.dense.device, dtype=torch.float32)
             delta = torch.tensordot(w, self.dense.float(), dims=1)
             weight.data.copy_((weight.data.float() + delta).to(weight.dtype))
-        self.__dict__["patched"] = True  # plain attribute: skip nn.Module.__setattr__ on this hot path
+        state = self.__dict__  # plain attributes: skip nn.Module.__setattr__ on this hot path
+        state["patched"] = True
+        state["mode"] = PATCHED
 
     def restore(self) -> None:
         """Put the original weight back (bit-exact) if the layer is patched."""
@@ -217,4 +337,5 @@ class AdaptedLayer(nn.Module):
         self.original = None
 
     def extra_repr(self) -> str:
-        return f"{self.name}, fast={len(self.fast_ids)} (Σr={sum(self.fast_ranks)}), dense={len(self.dense_ids)}, mode={self.mode}"
+        return (f"{self.name}, fast={len(self.fast_ids)} (Σr={sum(self.fast_ranks)}), dense={len(self.dense_ids)}, "
+                f"mode={self.mode}, plan={self.plan}")

@@ -39,17 +39,22 @@ STRATEGIES = ("auto", "lowrank")
 
 
 class _Group:
-    """The adapted layers of one model and the index tables that turn weights ``[R, N, L]`` into per-layer scales."""
+    """The adapted layers of one model and the index tables that turn weights ``[R, N, L]`` into per-layer plans.
+
+    Per call it does the bookkeeping for all layers at once (one gather, vectorised per-layer tests, one
+    transfer to the device) and only touches the layers whose weights changed since the previous call.
+    """
 
     def __init__(self, layers: list[AdaptedLayer], columns: list[int], n_columns: int):
         self.layers = layers
-        fast, fast_layer, dense, dense_layer = [], [], [], []
+        fast, fast_layer, fast_pos, dense, dense_layer = [], [], [], [], []
         self.fast_slices, self.dense_slices = [], []
         for k, (layer, col) in enumerate(zip(layers, columns)):
             a = len(fast)
             for i, r in zip(layer.fast_ids, layer.fast_ranks):
                 fast += [i * n_columns + col] * r
                 fast_layer += [k] * r
+            fast_pos += list(range(len(fast) - a))
             self.fast_slices.append((a, len(fast)))
             a = len(dense)
             for i in layer.dense_ids:
@@ -58,92 +63,157 @@ class _Group:
             self.dense_slices.append((a, len(dense)))
         self.fast_index = torch.tensor(fast, dtype=torch.long)
         self.fast_layer = torch.tensor(fast_layer, dtype=torch.long)
+        self.fast_pos = torch.tensor(fast_pos, dtype=torch.long)  # rank index within its layer
         self.dense_index = torch.tensor(dense, dtype=torch.long)
         self.dense_layer = torch.tensor(dense_layer, dtype=torch.long)
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # the weights folded into the base weights
+        # what the layers hold now: (fast weights, dense weights, patching allowed) for a call whose samples share
+        # their weights, or (segments, their fast rows, their dense rows) for per-sample weights; None: unknown
+        self.last: tuple | None = None
+        self.last_multi: tuple | None = None
 
     def _per_layer_any(self, fast_values: torch.Tensor, dense_values: torch.Tensor) -> list[bool]:
-        acc = torch.zeros(len(self.layers))
-        acc.index_add_(0, self.fast_layer, fast_values.float())
-        acc.index_add_(0, self.dense_layer, dense_values.float())
-        return (acc > 0).tolist()
+        f, d = self._per_layer(fast_values, dense_values)
+        return [a or b for a, b in zip(f, d)]
+
+    def _per_layer(self, fast_values: torch.Tensor, dense_values: torch.Tensor) -> tuple[list[bool], list[bool]]:
+        """Per layer: whether any of its fast / dense entries is non-zero."""
+        n = len(self.layers)
+        f = torch.zeros(n).index_add_(0, self.fast_layer, fast_values.detach().float().abs())
+        d = torch.zeros(n).index_add_(0, self.dense_layer, dense_values.detach().float().abs())
+        return (f > 0).tolist(), (d > 0).tolist()
 
     def _gather(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = weights.float().reshape(weights.shape[0], -1)
         return flat[:, self.fast_index], flat[:, self.dense_index]
 
     def configure(self, weights: torch.Tensor, segments: list[tuple[int, int]] | None, allow_patch: bool) -> None:
-        """Set every layer's mode and per-sample scales for a call whose samples use rows `segments` (row, count)."""
+        """Set every layer's mode and plan for a call whose samples use rows `segments` (row, count) of `weights`."""
         gf, gd = self._gather(weights)
         rows = [0] if segments is None else sorted({r for r, _ in segments})
         r0 = rows[0]
         uniform = all(torch.equal(gf[r], gf[r0]) and torch.equal(gd[r], gd[r0]) for r in rows[1:])
-        if uniform and allow_patch:
-            self._uniform(gf[r0], gd[r0], choose=True)
-            return
-        if self.last is not None:
-            for layer in self.layers:
-                layer.restore()
-            self.last = None
         if uniform:
-            sf, sd = gf[r0 : r0 + 1], gd[r0 : r0 + 1]
+            self._uniform(gf[r0], gd[r0], allow_patch)
         else:
-            index = torch.tensor([r for r, _ in segments])
-            counts = torch.tensor([n for _, n in segments])
-            sf = torch.repeat_interleave(gf[index], counts, dim=0)
-            sd = torch.repeat_interleave(gd[index], counts, dim=0)
-        active = self._per_layer_any(sf.abs().sum(0), sd.abs().sum(0))
-        sf, sd = sf.to(self.device), sd.to(self.device)
-        for layer, on, (a, b), (c, d) in zip(self.layers, active, self.fast_slices, self.dense_slices):
-            layer.restore()
-            self._set_lowrank(layer, on, sf, sd, a, b, c, d)
+            self._multi(gf, gd, segments)
 
     @property
     def device(self):
         return self.layers[0].base.weight.device if self.layers else None
 
-    @staticmethod
-    def _set_lowrank(layer, on, sf, sd, a, b, c, d) -> None:
-        state = layer.__dict__  # plain attributes: skip nn.Module.__setattr__ on this per-call path
-        state["mode"] = LOWRANK if on else OFF
-        state["s_fast"] = sf[:, a:b] if b > a else None
-        state["s_dense"] = sd[:, c:d] if d > c else None
-
-    def _uniform(self, wf: torch.Tensor, wd: torch.Tensor, choose: bool) -> None:
-        """Every sample shares the weights: fold them into the layers whose weights changed since the last call
-        (or, when `choose`, run the low-rank path where the cost model finds it cheaper than re-folding)."""
-        if self.last is not None and torch.equal(wf, self.last[0]) and torch.equal(wd, self.last[1]):
-            return
-        if self.last is None:
-            changed = [True] * len(self.layers)
-        else:
-            changed = self._per_layer_any(wf != self.last[0], wd != self.last[1])
-        on_device = None
-        for layer, ch, (a, b), (c, d) in zip(self.layers, changed, self.fast_slices, self.dense_slices):
-            if not ch:
+    def _uniform(self, wf: torch.Tensor, wd: torch.Tensor, patch: bool) -> None:
+        """Every sample shares the weights: for the layers whose weights changed since the last call, fold them
+        into the base weight (when `patch`, unless the cost model finds the low-rank forward cheaper than the
+        re-fold) or into the low-rank factors."""
+        cache = not torch.is_grad_enabled()  # with grad the factors must be rebuilt in this call's graph
+        last = self.last
+        self.last_multi = None
+        changed = None  # None: every layer
+        if cache and last is not None and last[2] == patch:
+            if torch.equal(wf, last[0]) and torch.equal(wd, last[1]):
+                return
+            changed = self._per_layer_any(wf != last[0], wd != last[1])
+        fast_on, dense_on = self._per_layer(wf, wd)
+        device = self.device
+        wf_d, wd_d = wf.to(device), wd.to(device)  # one transfer per call, sliced per layer below
+        for k, layer in enumerate(self.layers):
+            if changed is not None and not changed[k]:
                 continue
-            if choose and layer.lowrank_cheaper():
-                if on_device is None:
-                    on_device = (wf.to(self.device)[None], wd.to(self.device)[None])
+            a, b = self.fast_slices[k]
+            c, d = self.dense_slices[k]
+            f = wf_d[a:b] if fast_on[k] else None
+            g = wd_d[c:d] if dense_on[k] else None
+            if f is None and g is None:
                 layer.restore()
-                on = bool(wf[a:b].any()) or bool(wd[c:d].any())
-                self._set_lowrank(layer, on, *on_device, a, b, c, d)
+                layer.set_off()
+            elif patch and not layer.lowrank_cheaper():
+                layer.patch(f, g)
             else:
-                layer.patch(wf[a:b] if b > a else None, wd[c:d] if d > c else None)
-                layer.__dict__["mode"] = PATCHED
-        self.last = (wf.clone(), wd.clone())
+                layer.restore()
+                layer.set_shared(f, g)
+        self.last = (wf.detach().clone(), wd.detach().clone(), patch) if cache else None
+
+    def _multi(self, gf: torch.Tensor, gd: torch.Tensor, segments: list[tuple[int, int]]) -> None:
+        """Samples in segments with different weights: the low-rank path, per segment (no grad, when cheaper)
+        or with per-sample scales."""
+        if self.last is not None:
+            for layer in self.layers:
+                layer.restore()
+            self.last = None
+        index = torch.tensor([r for r, _ in segments])
+        counts = [n for _, n in segments]
+        batch = sum(counts)
+        gfs, gds = gf[index], gd[index]  # [S, ...]: each segment's weights
+        grad = torch.is_grad_enabled()
+        if not grad:
+            key = tuple(segments)
+            last = self.last_multi
+            if last is not None and last[0] == key and torch.equal(last[1], gfs) and torch.equal(last[2], gds):
+                return
+        device = self.device
+        counts_t = torch.tensor(counts)
+        sf = None
+        sd = torch.repeat_interleave(gds, counts_t, dim=0).to(device) if gds.shape[1] else None
+        dense_on = self._per_layer(torch.zeros(gf.shape[1]), gds.abs().sum(0))[1]
+        if grad:
+            sf = torch.repeat_interleave(gfs, counts_t, dim=0).to(device)
+            fast_on = self._per_layer(gfs.abs().sum(0), torch.zeros(gd.shape[1]))[0]
+            for k, layer in enumerate(self.layers):
+                (a, b), (c, d) = self.fast_slices[k], self.dense_slices[k]
+                layer.restore()
+                layer.set_per_sample(sf[:, a:b] if fast_on[k] else None, sd[:, c:d] if dense_on[k] else None)
+            self.last_multi = None
+            return
+        # each segment's non-zero rank range per layer (LoRAs are contiguous rank blocks of the factors)
+        n_seg, n_layers = len(segments), len(self.layers)
+        nz = gfs != 0
+        big = 1 << 30
+        target = self.fast_layer.expand(n_seg, -1)
+        pos = self.fast_pos.expand(n_seg, -1)
+        first = torch.full((n_seg, n_layers), big, dtype=torch.long).scatter_reduce_(
+            1, target, torch.where(nz, pos, big), "amin")
+        last_pos = torch.full((n_seg, n_layers), -1, dtype=torch.long).scatter_reduce_(
+            1, target, torch.where(nz, pos, -1), "amax")
+        first, last_pos = first.tolist(), last_pos.tolist()
+        bounds = [0]
+        for n in counts:
+            bounds.append(bounds[-1] + n)
+        gfs_d = gfs.to(device)
+        for k, layer in enumerate(self.layers):
+            (a, b), (c, d) = self.fast_slices[k], self.dense_slices[k]
+            layer.restore()
+            g = sd[:, c:d] if dense_on[k] else None
+            segs = [(s, first[s][k], last_pos[s][k] + 1) for s in range(n_seg) if last_pos[s][k] >= 0]
+            if not segs:
+                if g is None:
+                    layer.set_off()
+                else:
+                    layer.set_per_sample(None, g)
+            elif layer.segments_cheaper([(counts[s], k1 - k0) for s, k0, k1 in segs], batch):
+                layer.set_segments([(bounds[s], bounds[s + 1], k0, k1, gfs_d[s, a + k0 : a + k1]) for s, k0, k1 in segs],
+                                   g, batch)
+            else:
+                if sf is None:
+                    sf = torch.repeat_interleave(gfs, counts_t, dim=0).to(device)
+                layer.set_per_sample(sf[:, a:b], g)
+        self.last_multi = (tuple(segments), gfs.clone(), gds.clone())
 
     def patch_all(self, weights: torch.Tensor) -> None:
         """Fold ``weights [N, L]`` into every layer, whatever was there."""
-        self.last = None
+        self.last = self.last_multi = None
         gf, gd = self._gather(weights[None])
-        self._uniform(gf[0], gd[0], choose=False)
+        wf, wd = gf[0], gd[0]
+        fast_on, dense_on = self._per_layer(wf, wd)
+        wf_d, wd_d = wf.to(self.device), wd.to(self.device)
+        for k, layer in enumerate(self.layers):
+            (a, b), (c, d) = self.fast_slices[k], self.dense_slices[k]
+            layer.patch(wf_d[a:b] if fast_on[k] else None, wd_d[c:d] if dense_on[k] else None)
 
     def restore(self) -> None:
         for layer in self.layers:
             layer.restore()
-            layer.__dict__.update(mode=OFF, s_fast=None, s_dense=None)
-        self.last = None
+            layer.set_off()
+        self.last = self.last_multi = None
 
 
 def _fast_factors(m: ModuleLoRA, layer: AdaptedLayer) -> tuple[torch.Tensor, torch.Tensor] | None:
