@@ -9,9 +9,13 @@ previews, trigger words, uploads), Styles (`Studio.cluster`: clusters and the st
 of PNGs + manifest). Every event is a named API endpoint (see `ENDPOINTS`; ``gradio_client.Client(url).predict(..., api_name="/generate")``).
 
 The app adds nothing of its own: every action calls the same `Studio` methods as the CLI. Safety: it binds to
-127.0.0.1 unless --host says otherwise; --auth adds a login; uploads are .safetensors only (by default), limited
-in size, validated by the catalog and stored only under ``<library>/uploads``; Gradio may serve files only from
-the library and output folders (``<library>/.studio`` blocked), plus its own upload cache.
+127.0.0.1 unless --host says otherwise; --auth USER:PASSWORD (or the LORA_STUDIO_AUTH environment variable) adds a
+login; uploads are .safetensors only (by default), limited in size (--max-upload-mb), stored only under
+``<library>/uploads`` with a sanitized name and validated by the catalog (a bad file is quarantined there with the
+catalog's reason and fix, and never loaded); Gradio may serve files only from the library and output folders
+(``<library>/.studio`` blocked), plus its own upload cache. Handlers take LoRAs by catalog name, never by path;
+files handed to them (uploads, job files) must lie in Gradio's upload folder, the library or the output folder,
+symlinks resolved; a library entry that is a symlink to a file outside the library is never read.
 
 All Studio work runs on one worker thread: one pipeline, one LoRA runtime and one SQLite catalog connection are
 never used from two threads at once; the Gradio queue orders the requests.
@@ -50,6 +54,8 @@ LIBRARY_HEADERS = ["name", "category", "family", "format", "rank", "trigger word
 SEARCH_HEADERS = ["name", "score", "trigger", "matched words"]
 STYLE_HEADERS = ["cluster", "LoRAs", "members"]
 HEATMAP_METHODS = ("gated", "cmlora")
+AUTH_ENV = "LORA_STUDIO_AUTH"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 ENDPOINTS = ("retrieve", "add_lora", "remove_lora", "generate", "select_recipe", "methods", "library", "rescan",
              "search", "inspect", "upload", "style_map_initial", "style_map", "batch")
 
@@ -86,6 +92,17 @@ def _number(value, what: str, row: int):
     return x
 
 
+def check_lora_name(name, where: str = "") -> str:
+    """A LoRA is named (catalog name, file stem or alias), never given by path: no separators, no '..', no
+    absolute or home paths, no control characters."""
+    text = str(name).strip()
+    if (not text or "/" in text or "\\" in text or text.startswith(("~", "."))
+            or any(ord(c) < 32 for c in text) or Path(text).is_absolute() or re.match(r"^[A-Za-z]:", text)):
+        raise StudioInputError(f"{where}{text!r} is not a LoRA name: name a LoRA of the library (its catalog name), "
+                               "not a path")
+    return text
+
+
 def rows_to_refs(rows) -> list:
     """The LoRA table (lora, weight, block preset, start, stop) -> `fusion.LoRARef`s; empty rows are skipped."""
     from fusion import LoRARef
@@ -99,6 +116,7 @@ def rows_to_refs(rows) -> list:
         name, weight, lbw, start, stop = row[:5]
         if _blank(name):
             continue
+        name = check_lora_name(name, f"LoRA row {i}: ")
         weight = _number(weight, "weight", i)
         start, stop = _number(start, "start", i), _number(stop, "stop", i)
         lbw = None if _blank(lbw) else str(lbw).strip()
@@ -200,6 +218,8 @@ class StudioApp:
         self.device, self.sampler = device, sampler
         self.upload_types = tuple(t.lower() for t in upload_types)
         self.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
+        if self.max_upload_bytes <= 0:
+            raise StudioInputError(f"max_upload_mb={max_upload_mb}: the upload limit must be positive")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="studio")
         self._studio = None
         self._counter = 0
@@ -231,6 +251,65 @@ class StudioApp:
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
+    # ---------------------------------------------------------------- what handlers may read
+    @property
+    def input_roots(self) -> list[Path]:
+        """Folders a file handed to a handler (an upload, a job file) may lie in: Gradio's upload folder (where
+        the browser's and gradio_client's uploads land), the library and the output folder."""
+        from gradio.utils import get_upload_folder
+
+        return [Path(get_upload_folder()).resolve(), self.library, self.out]
+
+    def _inside(self, path: Path, roots) -> bool:
+        return any(path.is_relative_to(r) for r in roots) and not path.is_relative_to(self.library / ".studio")
+
+    def _input_file(self, file_path, what: str) -> Path:
+        """The file a handler was given, resolved (symlinks followed), if it lies in `input_roots`; anything
+        else (``../../etc/passwd``, an absolute path elsewhere, a symlink pointing outside) is refused."""
+        if isinstance(file_path, dict):  # a FileData payload
+            file_path = file_path.get("path")
+        if _blank(file_path):
+            raise StudioInputError(f"choose a {what}")
+        given = Path(str(file_path))
+        try:
+            path = given.resolve(strict=True)
+        except (OSError, RuntimeError):
+            raise StudioInputError(f"{given.name}: no such {what}") from None
+        if not self._inside(path, self.input_roots):
+            raise StudioInputError(f"{given.name}: refused, a {what} must be uploaded to the app (files elsewhere "
+                                   "on the server are never read)")
+        if not path.is_file():
+            raise StudioInputError(f"{given.name}: not a file")
+        return path
+
+    def _outside(self) -> dict[str, Path]:
+        """Catalogued LoRAs whose file resolves outside the library (a symlink pointing out): name -> path.
+        The app never reads them."""
+        out = {}
+        for e in self.studio.catalog.all():
+            try:
+                real = Path(e.path).resolve()
+            except (OSError, RuntimeError):
+                real = None
+            if real is None or not real.is_relative_to(self.library) or real.is_relative_to(self.library / ".studio"):
+                out[e.name] = Path(e.path)
+        return out
+
+    def _check_usable(self, names) -> None:
+        """Refuse LoRAs whose catalog entry points outside the library (by name, alias or id)."""
+        outside = self._outside()
+        if not outside:
+            return
+        for name in names:
+            try:
+                entry = self.studio.catalog.get(str(name))
+            except KeyError:
+                continue  # unknown names get the Studio's own message
+            if entry.name in outside:
+                raise StudioInputError(f"{entry.name}: its file is a link to {outside[entry.name].resolve()}, "
+                                       f"outside the library {self.library}; the app does not read it (copy the "
+                                       "file into the library instead)")
+
     # ---------------------------------------------------------------- Generate tab
     def _retrieve(self, prompt: str, k: int):
         from retrieval.autopick import explain, insert_triggers
@@ -252,7 +331,8 @@ class StudioApp:
         rows = _table(rows)
         if _blank(name):
             raise StudioInputError("pick a LoRA of the library to add")
-        entry = self.studio.catalog.get(str(name))
+        entry = self.studio.catalog.get(check_lora_name(name))
+        self._check_usable([entry.name])
         if any(r[0] == entry.name for r in rows):
             return rows, prompt
         trig = entry.trigger_words[0] if entry.trigger_words else None
@@ -269,7 +349,10 @@ class StudioApp:
 
     def _generate(self, prompt, rows, method, params_text, seed, n, steps, cfg, negative, auto_pick, heatmap,
                   progress):
+        from fusion import parse_prompt
         from retrieval.autopick import explain
+        from retrieval.studio import resolve_loras
+        from studio.api import validate_request
 
         studio = self.studio
         refs = rows_to_refs(rows)
@@ -282,7 +365,16 @@ class StudioApp:
             raise StudioInputError(f"method parameters are not JSON ({e.msg}); e.g. {{\"tau\": 5}}") from None
         if not isinstance(params, dict):
             raise StudioInputError("method parameters are a JSON object, e.g. {\"tau\": 5}")
-        loras = "auto" if (auto_pick and not refs) else refs
+        validate_request(prompt, int(n), int(steps), float(cfg))
+        tags = parse_prompt(prompt)[1]
+        for ref in tags:
+            check_lora_name(ref.name, "prompt tag <lora:...>: ")
+        picks, auto = [], bool(auto_pick) and not refs
+        if auto:  # resolved here (as Studio.generate would) so the picks can be checked too
+            prompts, refs, picks = resolve_loras(studio, [prompt], "auto")
+            prompt = prompts[0]
+        self._check_usable([r.name for r in [*tags, *refs]])
+        loras = refs
         self._counter += 1
         folder = self.out / "images" / f"{time.strftime('%Y%m%d-%H%M%S')}-{self._counter:04d}"
         trace = bool(heatmap) or method in HEATMAP_METHODS  # cheap: the schedule's weights once per step
@@ -302,8 +394,9 @@ class StudioApp:
         used = ", ".join(f"{l['name']}:{l['weight']:g}" for l in rec.loras) or "none"
         status = (f"{len(results)} image(s), seeds {rec.seed}..{rec.seed + len(results) - 1}, {seconds:.1f}s on "
                   f"{studio.device.type}; LoRAs: {used}; method: {rec.method or '-'}")
-        if loras == "auto":
-            status += "\n\nauto-pick: " + explain(studio.last_picks)
+        if auto:
+            studio.last_picks = picks
+            status += "\n\nauto-pick: " + explain(picks)
         image = None
         if trace and studio.last_weight_trace is not None:
             image = weight_heatmap(studio.last_weight_trace, f"{rec.method}: LoRA weight applied per layer (rows) and step")
@@ -315,19 +408,29 @@ class StudioApp:
                          auto_pick, heatmap, progress)
 
     @staticmethod
-    def select_recipe(recipes, evt: gr.SelectData):
-        if not recipes or evt is None or not isinstance(evt.index, int) or not 0 <= evt.index < len(recipes):
+    def select_recipe(recipes, index=None, evt: gr.EventData | None = None):
+        """The recipe of image `index` of the gallery: from the click's event data in the browser, from `index`
+        through the API (``client.predict(recipes, 1, api_name="/select_recipe")``); None if out of range."""
+        data = getattr(evt, "_data", None)
+        if isinstance(data, dict) and "index" in data:
+            index = data["index"]
+        if isinstance(index, float) and index.is_integer():
+            index = int(index)
+        if not recipes or not isinstance(index, int) or not 0 <= index < len(recipes):
             return None
-        return recipes[evt.index]
+        return recipes[index]
 
     # ---------------------------------------------------------------- Library tab
     def _library_rows(self):
         from retrieval.autopick import category_from_metadata
 
         catalog = self.studio.catalog
+        outside = self._outside()
         rows = []
         for e in catalog.all():
             status = "ok" if e.status == "ok" else "duplicate"
+            if e.name in outside:
+                status = "refused: a link to a file outside the library (copy the file in instead)"
             if e.family not in (self.studio.family, "unknown"):
                 status += f" (for {e.family}, not usable with {self.studio.family})"
             rows.append([e.name, category_from_metadata(e.tags, e.description) or "", e.family or "",
@@ -337,7 +440,8 @@ class StudioApp:
         return rows
 
     def _names(self) -> list[str]:
-        return [e.name for e in self.studio.catalog.all() if e.status == "ok"]
+        outside = self._outside()
+        return [e.name for e in self.studio.catalog.all() if e.status == "ok" and e.name not in outside]
 
     def library_table(self):
         rows, names = self.call(lambda: (self._library_rows(), self._names()))
@@ -369,6 +473,7 @@ class StudioApp:
 
         if _blank(name):
             raise StudioInputError("pick a LoRA of the library")
+        name = check_lora_name(name)
         catalog = self.studio.catalog
         try:
             entry = catalog.get(str(name))
@@ -395,46 +500,53 @@ class StudioApp:
         return self.call(self._inspect, name)
 
     def _upload(self, file_path):
-        if _blank(file_path):
-            raise StudioInputError("choose a LoRA file to upload")
-        src = Path(str(file_path))
-        suffix = src.suffix.lower()
-        if suffix not in self.upload_types:
-            raise StudioInputError(f"{src.name}: only {', '.join(self.upload_types)} files can be uploaded "
+        """Add an uploaded LoRA file to ``<library>/uploads`` (sanitized name, never over a LoRA already there)
+        and index it. A bad file (corrupt, pickled, NaN, not a LoRA) stays there quarantined by the catalog, which
+        never loads it, and the upload fails with the catalog's one-line reason and fix; a duplicate of a LoRA
+        already in the library is not kept. Nothing already indexed changes."""
+        src = self._input_file(file_path, "LoRA file to upload")
+        name = Path(str(file_path.get("path") if isinstance(file_path, dict) else file_path)).name
+        suffix = Path(name).suffix.lower()
+        if suffix not in self.upload_types or src.suffix.lower() not in self.upload_types:
+            raise StudioInputError(f"{name}: only {', '.join(self.upload_types)} files can be uploaded "
                                    "(pickled checkpoints can run code: convert them to .safetensors)")
         size = src.stat().st_size
         if size > self.max_upload_bytes:
-            raise StudioInputError(f"{src.name}: {size / 2**20:.1f} MB is over the upload limit of "
-                                   f"{self.max_upload_bytes / 2**20:.0f} MB")
-        self.uploads.mkdir(parents=True, exist_ok=True)
-        stem = _safe_name(src.stem)
-        dest = self.uploads / f"{stem}{suffix}"
-        k = 1
-        while dest.exists():
-            dest = self.uploads / f"{stem}-{k}{suffix}"
-            k += 1
-        if not dest.resolve().is_relative_to(self.uploads.resolve()):
-            raise StudioInputError(f"{src.name}: bad file name")
-        part = dest.with_name(f".{dest.name}.part")  # the scanner skips dot files
-        shutil.copyfile(src, part)
-        os.replace(part, dest)
-        try:
-            src.unlink()  # the copy in Gradio's upload cache is no longer needed
-        except OSError:
-            pass
+            raise StudioInputError(f"{name}: {size / 2**20:.1f} MB is over the upload limit of "
+                                   f"{self.max_upload_bytes / 2**20:g} MB")
         catalog = self.studio.catalog
+        self.uploads.mkdir(parents=True, exist_ok=True)
+        uploads = self.uploads.resolve()
+        if not uploads.is_relative_to(self.library):
+            raise StudioInputError(f"{self.uploads} is a link out of the library: uploads are refused")
+        quarantined = {Path(e.path).resolve() for e in catalog.quarantined()}
+        taken = {e.name.lower() for e in catalog.all()} | {Path(e.path).stem.lower() for e in catalog.all()}
+        stem = _safe_name(Path(name).stem)
+        dest, k = uploads / f"{stem}{suffix}", 1
+        # a new name (never shadowing an indexed LoRA); a quarantined upload of the same name is replaced
+        while (dest.exists() or dest.is_symlink()) and dest not in quarantined or dest.stem.lower() in taken:
+            dest, k = uploads / f"{stem}-{k}{suffix}", k + 1
+        if dest.parent != uploads or dest.is_symlink():
+            raise StudioInputError(f"{name}: bad file name")
+        part = dest.with_name(f".{dest.name}.part")  # the scanner skips dot files
+        try:
+            shutil.copyfile(src, part)
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
+        if src.is_relative_to(self.input_roots[0]):
+            src.unlink(missing_ok=True)  # the copy in Gradio's upload cache is no longer needed
         catalog.scan(self.uploads)
-        bad = [e for e in catalog.quarantined() if e.path == dest]
-        if bad:
-            dest.unlink(missing_ok=True)
-            catalog.scan(self.uploads)
-            raise StudioInputError(f"{src.name} was not added: {bad[0].reason}\nfix: {bad[0].fix}")
-        entry = next(e for e in catalog.all() if e.path == dest)
+        bad = [e for e in catalog.quarantined() if Path(e.path).resolve() == dest]
+        if bad:  # kept, quarantined: listed in the library table with the reason, never loaded
+            raise StudioInputError(f"{name} was not added, quarantined as uploads/{dest.name}: {bad[0].reason} "
+                                   f"(fix: {bad[0].fix})")
+        entry = next(e for e in catalog.all() if Path(e.path).resolve() == dest)
         if entry.status == "duplicate":
             original = catalog.get(entry.duplicate_of)
             dest.unlink(missing_ok=True)
             catalog.scan(self.uploads)
-            raise StudioInputError(f"{src.name} was not added: it has the same tensors as {original.name} "
+            raise StudioInputError(f"{name} was not added: it has the same tensors as {original.name} "
                                    f"({original.path.name}), already in the library")
         note = ""
         if entry.family not in (self.studio.family, "unknown"):
@@ -492,14 +604,17 @@ class StudioApp:
 
     # ---------------------------------------------------------------- Batch tab
     def _batch(self, file_path, batch_size, progress):
-        from studio.batch import JOB_FILE_SUFFIXES, read_manifest, zip_results
+        from studio.batch import JOB_FILE_SUFFIXES, load_jobs, plan_jobs, read_manifest, zip_results
 
-        if _blank(file_path):
-            raise StudioInputError("choose a job file (.jsonl, .json, .yaml or .yml)")
-        src = Path(str(file_path))
+        src = self._input_file(file_path, "job file (.jsonl, .json, .yaml or .yml)")
         if src.suffix.lower() not in JOB_FILE_SUFFIXES:
             raise StudioInputError(f"{src.name}: a job file is .jsonl, .json, .yaml or .yml")
+        if src.stat().st_size > self.max_upload_bytes:
+            raise StudioInputError(f"{src.name}: the job file is over the upload limit")
         data = src.read_bytes()
+        if self._outside():  # the jobs may name a LoRA that links out of the library: check them first
+            units = plan_jobs(self.studio, load_jobs(src), int(batch_size))
+            self._check_usable({ref["name"] for u in units for ref in u.plan.get("loras", [])})
         digest = hashlib.sha256(data + f"|bs={int(batch_size)}".encode()).hexdigest()[:12]
         folder = self.out / "batch" / digest  # the same file again resumes into the same folder
 
@@ -559,6 +674,7 @@ class StudioApp:
                                              elem_id="gallery")
                         status = gr.Markdown(elem_id="status")
                         selected = gr.JSON(label="Recipe of the selected image")
+                        selected_index = gr.Number(value=None, precision=0, visible=False)  # API: which image
                         heat = gr.Image(label="LoRA weights: layers x steps", type="pil", format="png", interactive=False)
                         recipes = gr.JSON(label="Recipes (all images)")
             with gr.Tab("Library"):
@@ -613,7 +729,7 @@ class StudioApp:
             remove.click(self.remove_lora, [rows, add_name], [rows], api_name="remove_lora")
             go.click(self.generate, [prompt, rows, method, params, seed, n, steps, cfg, negative, auto_pick, heatmap],
                      [gallery, recipes, heat, status], api_name="generate", concurrency_limit=1)
-            gallery.select(self.select_recipe, [recipes], [selected], api_name="select_recipe")
+            gallery.select(self.select_recipe, [recipes, selected_index], [selected], api_name="select_recipe")
             demo.load(lambda: gr.update(choices=["auto"] + methods()), None, [method], api_name="methods")
             demo.load(self.library_table, None, [lib_rows, add_name, which], api_name="library")
             refresh_lib.click(self.library_table, None, [lib_rows, add_name, which], api_name="rescan")
@@ -632,40 +748,56 @@ class StudioApp:
 
     def launch_kwargs(self, host: str = "127.0.0.1", port: int | None = None, auth=None, quiet: bool = False) -> dict:
         """`demo.launch` arguments: bind address, auth, upload limit, and the only folders Gradio may serve."""
-        return dict(server_name=host, server_port=port, auth=auth, quiet=quiet, show_error=True,
+        return dict(server_name=host or "127.0.0.1", server_port=port, auth=auth, quiet=quiet, show_error=True,
                     allowed_paths=[str(self.library), str(self.out)],
                     blocked_paths=[str(self.library / ".studio")],
-                    max_file_size=self.max_upload_bytes, enable_monitoring=False)
+                    max_file_size=self.max_upload_bytes, enable_monitoring=False, share=False)
+
+    def launch(self, host: str = "127.0.0.1", port: int | None = None, auth=None, quiet: bool = False,
+               prevent_thread_lock: bool = False) -> gr.Blocks:
+        """Build and serve the app (`launch_kwargs`); returns the Blocks (``demo.close()`` stops it)."""
+        if host not in LOCAL_HOSTS and not auth:
+            print(f"warning: serving on {host} without --auth: anyone who can reach this port can use the app",
+                  file=sys.stderr)
+        demo = self.build()
+        demo.launch(prevent_thread_lock=prevent_thread_lock, **self.launch_kwargs(host, port, auth, quiet))
+        return demo
 
 
 def parse_auth(text: str | None):
+    """``USER:PASSWORD`` -> (user, password); None for no login. The password may contain ':'."""
     if not text:
         return None
     user, sep, password = text.partition(":")
-    if not sep or not user or not password:
-        raise SystemExit("--auth takes USER:PASSWORD")
-    return (user, password)
+    if not sep or not user.strip() or not password:
+        raise SystemExit("--auth (or $" + AUTH_ENV + ") takes USER:PASSWORD")
+    return (user.strip(), password)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="app.py", description="LoRA Studio in the browser (Gradio).")
     ap.add_argument("--model", default=None, help="SD1.5/SDXL diffusers folder or .safetensors (default TinyWorld)")
     ap.add_argument("--library", default=None, help="folder of LoRA files (default assets/loras for TinyWorld)")
     ap.add_argument("--out", default=None, help=f"folder for generated images and batch results (default {DEFAULT_OUT})")
-    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="bind address (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     ap.add_argument("--port", type=int, default=7860)
-    ap.add_argument("--auth", default=None, help="USER:PASSWORD required to open the app")
+    ap.add_argument("--auth", default=None,
+                    help=f"USER:PASSWORD required to open the app (default: ${AUTH_ENV} if set, else no login)")
     ap.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")
-    ap.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="upload size limit")
-    args = ap.parse_args(argv)
+    ap.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB,
+                    help=f"upload size limit in MB (default {DEFAULT_MAX_UPLOAD_MB})")
+    return ap
+
+
+def main(argv: list[str] | None = None, prevent_thread_lock: bool = False):
+    args = parser().parse_args(argv)
+    auth = parse_auth(args.auth if args.auth is not None else os.environ.get(AUTH_ENV))
     app = StudioApp(model=args.model, library=args.library, out=args.out, device=args.device,
                     max_upload_mb=args.max_upload_mb)
     app.warm_up()
-    demo = app.build()
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.auth:
-        print(f"warning: serving on {args.host} without --auth: anyone who can reach this port can use the app",
-              file=sys.stderr)
-    demo.launch(**app.launch_kwargs(args.host, args.port, parse_auth(args.auth)))
+    demo = app.launch(args.host, args.port, auth, prevent_thread_lock=prevent_thread_lock)
+    return app, demo
 
 
 if __name__ == "__main__":

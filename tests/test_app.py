@@ -147,13 +147,13 @@ def test_an_empty_library_is_handled(empty_app):
     assert isinstance(empty_app.build(), gr.Blocks)
 
 
-def test_add_remove_rows_and_the_batch_tab(studio_app, tmp_path):
+def test_add_remove_rows_and_the_batch_tab(studio_app):
     rows, prompt = studio_app.add_lora("a blue circle", [], "stripes_r4_s0")
     assert rows == [["stripes_r4_s0", 1.0, "", None, None]] and "strypo" in prompt  # its trigger word
     assert studio_app.add_lora(prompt, rows, "stripes_r4_s0") == (rows, prompt)  # not twice
     assert studio_app.remove_lora(rows, "stripes_r4_s0") == []
 
-    jobs = tmp_path / "jobs.jsonl"
+    jobs = studio_app.out / "jobs.jsonl"  # handlers read files only from the upload, library and output folders
     jobs.write_text('{"id": "a", "prompt": "a red star", "seeds": [0, 1], "steps": 2}\n'
                     '{"id": "b", "prompt": "a blue circle", "loras": ["hat_r4_s0"], "seed": 4, "steps": 2}\n')
     progress = Progress()
