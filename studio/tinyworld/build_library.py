@@ -84,8 +84,8 @@ def main(argv=None):
                 "rank": j.rank, "alpha": j.alpha, "seed": j.seed, "steps": steps, "format": j.format, "bare": j.bare,
                 "content": j.content}
         todo = [j for j in jobs if not Path(j.out).exists()]
-        if todo:
-            train_loras(todo, steps=steps)
+        if todo:   # community and style variants: half the batch (their weights matter, for retrieval and clustering)
+            train_loras(todo, steps=steps, batch_per_lora=8 if todo[0].extra["kind"] == "headline" else 4)
         LABELS.write_text(json.dumps(labels, indent=2, sort_keys=True))
 
 

@@ -1,0 +1,57 @@
+"""The gang LoRA trainer's layers: LoRA k of a gang computes exactly what the same LoRA alone computes, and what
+it writes is what the fusion runtime applies."""
+import torch
+from torch import nn
+
+from studio.tinyworld.train_lora import GangLoRAConv2d, GangLoRALinear, gang_member
+
+
+def _gang_and_solos(cls, base, n=3, rank=4):
+    scales = [1.0, 0.5, 2.0][:n]
+    gang = cls(base, rank, scales, [torch.Generator().manual_seed(s) for s in range(n)])
+    solos = [cls(base, rank, [scales[k]], [torch.Generator().manual_seed(k)]) for k in range(n)]
+    with torch.no_grad():
+        for k, solo in enumerate(solos):   # give the up factors values (they start at zero)
+            gang.up[k].normal_(generator=torch.Generator().manual_seed(10 + k))
+            solo.up[0].copy_(gang.up[k])
+    return gang, solos
+
+
+def test_gang_linear_member_equals_solo():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 24)
+    gang, solos = _gang_and_solos(GangLoRALinear, base)
+    x = torch.randn(3 * 5, 7, 16)
+    y = gang(x).reshape(3, 5, 7, 24)
+    for k, solo in enumerate(solos):
+        assert torch.allclose(y[k], solo(x.reshape(3, 5, 7, 16)[k]), atol=1e-6)
+
+
+def test_gang_conv_member_equals_solo_and_dense_delta():
+    torch.manual_seed(0)
+    base = nn.Conv2d(8, 12, 3, padding=1)
+    gang, solos = _gang_and_solos(GangLoRAConv2d, base)
+    x = torch.randn(3 * 2, 8, 6, 6)
+    y = gang(x).reshape(3, 2, 12, 6, 6)
+    for k, solo in enumerate(solos):
+        xk = x.reshape(3, 2, 8, 6, 6)[k]
+        assert torch.allclose(y[k], solo(xk), atol=1e-5)
+        # the LoCon factors as written: ΔW = scale · up ∘ down, a plain conv with W0 + ΔW
+        delta = torch.einsum("or,rikl->oikl", gang.up[k][:, :, 0, 0], gang.down[k]) * gang.scales[k].item()
+        ref = nn.functional.conv2d(xk, base.weight + delta, base.bias, padding=1)
+        assert torch.allclose(y[k], ref, atol=1e-5)
+
+
+def test_gang_member_canonical_factors():
+    lin = GangLoRALinear(nn.Linear(16, 24), 4, [1.0, 1.0], [torch.Generator().manual_seed(s) for s in (0, 1)])
+    conv = GangLoRAConv2d(nn.Conv2d(8, 12, 3, padding=1), 4, [1.0, 1.0],
+                          [torch.Generator().manual_seed(s) for s in (0, 1)])
+    lora = gang_member({"mid_block.proj": lin, "mid_block.resnets.0.conv1": conv}, 1, alpha=4.0,
+                       text={"encoder.layers.0.self_attn.q_proj": lin})
+    m = lora.modules
+    assert m["unet.mid_block.proj"].kind == "lora" and m["unet.mid_block.proj"].factors["down"].shape == (4, 16)
+    assert m["unet.mid_block.resnets.0.conv1"].kind == "locon"
+    assert m["unet.mid_block.resnets.0.conv1"].factors["down"].shape == (4, 8, 3, 3)
+    assert m["unet.mid_block.resnets.0.conv1"].factors["up"].shape == (12, 4, 1, 1)
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in m
+    assert torch.equal(m["unet.mid_block.proj"].factors["down"], lin.down[1].T)
