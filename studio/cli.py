@@ -12,14 +12,30 @@ def _cmd_generate(args) -> int:
 
     studio = Studio(model=args.model, device=args.device, sampler=args.sampler, library=args.library)
     params = json.loads(args.method_params) if args.method_params else None
+    loras = _parse_loras(args.loras) if studio.library is not None else None
     results = studio.generate(args.prompt, n=args.n, seed=args.seed, steps=args.steps, cfg=args.cfg,
-                              negative_prompt=args.negative, out=args.out, method=args.method,
+                              negative_prompt=args.negative, out=args.out, loras=loras, method=args.method,
                               method_params=params)
+    if loras == "auto":
+        picks = studio.last_picks
+        print("auto-picked LoRAs: " + (", ".join(f"{p.name} ({p.score:.2f})" for p in picks) if picks
+                                        else "none fits this prompt"))
     for r in results:
         print(r.path)
     print(f"{len(results)} image(s) in {Path(args.out).resolve()} "
           f"({studio.model_name} on {studio.device.type})")
     return 0
+
+
+def _parse_loras(spec: str):
+    """``auto`` (retrieval picks), ``none``, or ``name[:weight],name[:weight]``."""
+    if spec in ("auto", "none"):
+        return spec if spec == "auto" else None
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, _, weight = item.partition(":")
+        out.append((name, float(weight) if weight else 1.0))
+    return out
 
 
 def _cmd_inspect(args) -> int:
@@ -106,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out", help="folder for the PNGs (each carries its recipe)")
     g.add_argument("--model", default=None, help="SD1.5/SDXL diffusers folder or .safetensors checkpoint")
     g.add_argument("--device", default=None, help="cpu, cuda or mps (default: cuda when available)")
-    g.add_argument("--library", default=None, help="folder of LoRA files named by <lora:name:weight> tags")
+    g.add_argument("--library", default=None, help="folder of LoRA files (default: TinyWorld's own library)")
+    g.add_argument("--loras", default="auto", help="auto (picked by retrieval from the library, trigger words "
+                   "inserted), none, or name[:weight],... ; <lora:name:w> tags in the prompt always apply")
     g.add_argument("--method", default=None, choices=_methods(),
                    help="how several LoRAs are composed (default: merge, blockwise when a tag has lbw/start/stop)")
     g.add_argument("--method-params", default=None, help='JSON parameters of the method, e.g. \'{"tau": 5}\'')
