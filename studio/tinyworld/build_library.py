@@ -28,7 +28,7 @@ LORAS = ROOT / "assets" / "loras"
 LABELS = ROOT / "assets" / "loras_labels.json"
 
 
-HEADLINE_STEPS = 400
+HEADLINE_STEPS = 300
 COMMUNITY_STEPS = (100, 150, 250)
 GANG = 10
 STYLE_CONTENTS = [{"subject": "circle", "color": "red"}, {"subject": "square", "color": "blue"},
@@ -84,8 +84,10 @@ def main(argv=None):
                 "rank": j.rank, "alpha": j.alpha, "seed": j.seed, "steps": steps, "format": j.format, "bare": j.bare,
                 "content": j.content}
         todo = [j for j in jobs if not Path(j.out).exists()]
-        if todo:   # community and style variants: half the batch (their weights matter, for retrieval and clustering)
-            train_loras(todo, steps=steps, batch_per_lora=8 if todo[0].extra["kind"] == "headline" else 4)
+        if todo:   # community and style variants: half the batch; their weights matter (retrieval, clustering)
+            headline = todo[0].extra["kind"] == "headline"   # variants: plain attention LoRAs (smaller files)
+            train_loras(todo, steps=steps, batch_per_lora=8 if headline else 4,
+                        network="locon" if headline else "attention")
         LABELS.write_text(json.dumps(labels, indent=2, sort_keys=True))
 
 

@@ -11,14 +11,23 @@ alone, up to float rounding. On 2 CPU
 cores a batch of 8 samples costs 0.33 s per step and a batch of 32 0.67 s, so a gang of N LoRAs trains
 at close to N times the speed of training them one after another, with the same result per LoRA.
 
-What is adapted (measured on TinyWorld, 3 concepts, 12 prompts each, judge presence at weight 1): LoRAs on
-the attention projections only learned to *denoise* concept renders (loss down 4-8x at low noise) but barely
-*generated* the concept (0-8 %), at any learning rate (2e-3 .. 1.2e-2), length (250-1000 steps), timestep
-bias or noise offset tried. Two causes: the UNet is 32-128 channels wide, so its attention projections hold
-little of what draws; and the frozen text encoder barely tells the unseen trigger words apart (cosine 0.998
-between captions that differ only in the trigger). So the LoRA is a LoCon (every Linear of the transformer
-blocks, proj_in/out and the ResNet convolutions, `GangLoRAConv2d`) plus a text-encoder LoRA (CLIP attention
-and MLP, at half the learning rate), trained with the base model's noise offset of 0.1.
+What is adapted and how, measured on TinyWorld (zorbo / hat / starfield, 12 prompts each, judge presence at
+weight 1, CFG 7; `runs/` scratch scripts, summarised in the library issue's note):
+
+- attention-only LoRAs learned to *denoise* concept renders (loss 4-8x lower than the base at low noise) but
+  barely *generated* the concept (0-8 %) at any learning rate (2e-3 .. 1.2e-2), length (250-1000 steps),
+  timestep bias, high-noise loss weight or noise offset (0.1-1.0) tried;
+- LoCon (every Linear of the transformer blocks, proj_in/out, ResNet convs; `GangLoRAConv2d`) plus a
+  text-encoder LoRA: zorbo 8 → 33 %;
+- the decisive change: the LoRA acted the same on the conditional and the unconditional branch (nothing taught
+  it otherwise), so classifier-free guidance, ``e_u + 7 (e_c − e_u)``, amplified only the *base* model's text
+  direction and cancelled the LoRA's. A share of the base-only renders captioned with the empty prompt
+  (`uncond_share`) keeps the LoRA out of the unconditional branch, the way caption dropout on regularisation
+  images does in kohya's trainer: zorbo 33 → 92 %, hat 8 → 33 %, starfield backgrounds visibly drawn (the judge
+  misses the VAE-blurred stars). LoRA Composite and CMLoRA showed the same effect from the other side: their
+  uncond pass runs without LoRAs, and they were the only methods that showed concepts with the older LoRAs.
+
+Files are saved in fp16 (kohya's ``--save_precision fp16``).
 
 Data: single-concept renders (the concept on random base compositions) captioned with the concept's
 trigger word, plus a share of base-only renders with base captions that keeps the base vocabulary intact.
@@ -49,6 +58,10 @@ from .train_base import encode_latents
 
 TINYWORLD = Path(__file__).resolve().parents[2] / "assets" / "tinyworld"
 
+
+
+def _shows(comp: Composition, concept: str) -> bool:
+    return concept in (comp.subject, comp.clothing, comp.style, comp.background, comp.object)
 
 
 def with_concept(comp: Composition, concept: str) -> Composition:
@@ -121,9 +134,10 @@ class LoRAJob:
     format: str = "kohya"
     bare: bool = False
     n_images: int = 1500
-    base_share: float = 0.25
+    base_share: float = 0.3
     content: dict | None = None
     noise_offset: float = 0.1   # as the base model was trained (kohya's --noise_offset)
+    uncond_share: float = 0.6   # share of the base-only renders captioned "" (keeps the LoRA out of CFG's uncond)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -173,8 +187,15 @@ class GangLoRAConv2d(torch.nn.Module):
         return base(x) + d
 
 
-def attach_gang(unet, rank: int, scales: list[float], seeds: list[int]) -> dict[str, torch.nn.Module]:
+NETWORKS = ("locon", "attention")
+
+
+def attach_gang(unet, rank: int, scales: list[float], seeds: list[int],
+                network: str = "locon") -> dict[str, torch.nn.Module]:
     """Wrap `unet`'s adapted layers in gang wrappers; returns {module path: wrapper}.
+
+    ``network="attention"``: only the attention projections (to_q/k/v/out.0), as a plain kohya/PEFT LoRA;
+    the library's community variants are such files (smaller, and weaker at drawing, as many real ones).
 
     LoCon targets, as kohya's LoRA-C3Lier / LyCORIS `locon` train them: every Linear of the transformer blocks
     (attention projections and feed-forward), `proj_in`/`proj_out`, and the ResNet convolutions. Attention-only
@@ -188,6 +209,10 @@ def attach_gang(unet, rank: int, scales: list[float], seeds: list[int]) -> dict[
             path = f"{name}.{attr}" if name else attr
             in_block = ".attentions." in f".{path}" or ".resnets." in f".{path}"
             if not in_block or attr == "time_emb_proj":
+                continue
+            if network == "attention" and not (isinstance(child, torch.nn.Linear) and
+                                               any(f".attn{i}." in f".{path}" for i in (1, 2)) and
+                                               attr in ("to_q", "to_k", "to_v", "0")):
                 continue
             if isinstance(child, torch.nn.Linear):
                 gang = GangLoRALinear(child, rank, scales, generators)
@@ -224,15 +249,17 @@ def attach_text_gang(text_encoder, rank: int, scales: list[float], seeds: list[i
 
 
 def gang_member(wrapped: dict[str, GangLoRALinear], k: int, alpha: float, family: str = "tinyworld",
-                text: dict[str, GangLoRALinear] | None = None):
-    """LoRA number k of a gang in the canonical form (kohya down = (r, in), up = (out, r))."""
+                text: dict[str, GangLoRALinear] | None = None, dtype: torch.dtype = torch.float32):
+    """LoRA number k of a gang in the canonical form (kohya down = (r, in), up = (out, r)); `dtype` is the
+    saved precision (kohya's ``--save_precision``)."""
     from ..library.canonical import LoRA, ModuleLoRA
 
     def pair(g):
         if isinstance(g, GangLoRAConv2d):
-            return ModuleLoRA("locon", {"down": g.down[k].detach().contiguous(), "up": g.up[k].detach().contiguous()},
-                              alpha=float(alpha))
-        return ModuleLoRA("lora", {"down": g.down[k].detach().T.contiguous(), "up": g.up[k].detach().T.contiguous()},
+            down, up, kind = g.down[k], g.up[k], "locon"
+        else:
+            down, up, kind = g.down[k].T, g.up[k].T, "lora"
+        return ModuleLoRA(kind, {"down": down.detach().to(dtype).contiguous(), "up": up.detach().to(dtype).contiguous()},
                           alpha=float(alpha))
 
     modules = {f"unet.{path}": pair(g) for path, g in wrapped.items()}
@@ -241,7 +268,8 @@ def gang_member(wrapped: dict[str, GangLoRALinear], k: int, alpha: float, family
 
 
 def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, lr: float = 8e-3,
-                model: str | Path = TINYWORLD, threads: int = 2, text_encoder_lr: float | None = 0.5) -> list[str]:
+                model: str | Path = TINYWORLD, threads: int = 2, text_encoder_lr: float | None = 0.5,
+                network: str = "locon", save_dtype: torch.dtype = torch.float16) -> list[str]:
     """Train `jobs` (same rank) jointly for `steps` steps; write each file; return the written paths."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -260,7 +288,7 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
     unet.requires_grad_(False)
     te.requires_grad_(False)
     rank = ranks.pop()
-    wrapped = attach_gang(unet, rank, [j.scale for j in jobs], [j.seed for j in jobs])
+    wrapped = attach_gang(unet, rank, [j.scale for j in jobs], [j.seed for j in jobs], network)
     groups = [{"params": [p for g in wrapped.values() for p in (g.down, g.up)], "lr_scale": 1.0}]
     text = {}
     if text_encoder_lr:   # a text-encoder LoRA too, at text_encoder_lr × lr (kohya trains both by default)
@@ -275,6 +303,7 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
         data.append((mean, std, comps, random.Random(j.seed), torch.Generator().manual_seed(j.seed + 1)))
     scale = vae.config.scaling_factor
     del vae
+    is_base = [[not _shows(c, j.concept) for c in comps] for j, (_, _, comps, _, _) in zip(jobs, data)]
     noise_sched = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k != "set_alpha_to_one"})
     snr = noise_sched.alphas_cumprod / (1 - noise_sched.alphas_cumprod)
     captions_seen: list[list[str]] = [[] for _ in jobs]
@@ -285,6 +314,9 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
         for k, (mean, std, comps, rng, g) in enumerate(data):   # every draw from the LoRA's own generators
             idx = torch.randint(0, len(comps), (batch_per_lora,), generator=g)
             chunk = [caption(comps[i], rng) for i in idx.tolist()]
+            if jobs[k].uncond_share:
+                chunk = ["" if is_base[k][i] and rng.random() < jobs[k].uncond_share else cap
+                         for i, cap in zip(idx.tolist(), chunk)]
             captions_seen[k].extend(chunk[:2])
             caps.extend(chunk)
             zs.append((mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * scale)
@@ -313,10 +345,14 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
     written = []
     for k, j in enumerate(jobs):
         alpha = float(j.alpha or j.rank)
-        lora = gang_member(wrapped, k, alpha, text=text)
+        lora = gang_member(wrapped, k, alpha, text=text, dtype=save_dtype)
         if not j.bare:
             lora.metadata = lora_metadata(j.concept, j.rank, alpha, steps, j.seed, captions_seen[k])
             lora.metadata.update({"ss_batch_size_per_device": str(batch_per_lora), "ss_learning_rate": str(lr),
+                                  "ss_network_module": "lycoris.kohya" if network == "locon" else "networks.lora",
+                                  "ss_network_args": json.dumps({"algo": "locon", "conv_dim": str(j.rank),
+                                                                 "conv_alpha": str(alpha)} if network == "locon" else {}),
+                                  "ss_noise_offset": str(j.noise_offset),
                                   "ss_training_time_s": f"{seconds / n:.1f}"})
         Path(j.out).parent.mkdir(parents=True, exist_ok=True)
         out = write_lora(lora, j.out, format=j.format)
