@@ -482,9 +482,10 @@ class StudioApp:
             if bad:
                 return f"{bad[0].path.name}: {bad[0].reason}\n  fix: {bad[0].fix}", "", "", None
             raise StudioInputError(str(e.args[0]) if e.args else str(e)) from None
+        self._check_usable([entry.name])
         path = self._entry_path(entry.path)
         if path is None:
-            raise StudioInputError(f"{name!r} is not a file of the library {self.library}")
+            raise StudioInputError(f"{name!r}: its file is outside the library {self.library}; it is not read")
         report = str(inspect_file(path))
         preview = self._entry_path(entry.preview)
         image = None
