@@ -144,6 +144,11 @@ def _table(rows) -> list[list]:
     return [list(r) for r in (rows or []) if r and not _blank(r[0])]
 
 
+def _bullets(text: str) -> str:
+    """Markdown list of the lines of `text` (Markdown would join them into one paragraph)."""
+    return "\n".join(f"- {line}" for line in text.splitlines() if line.strip())
+
+
 def _safe_name(name: str, default: str = "lora") -> str:
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(str(name)).name).strip("._")[:100]
     return stem or default
@@ -318,7 +323,7 @@ class StudioApp:
             raise StudioInputError("the prompt is empty: describe the picture first")
         picks = self.studio.retrieve(prompt, k=int(k))
         rows = [_row(p.name) for p in picks]
-        why = explain(picks) if picks else "no LoRA of the library fits this prompt"
+        why = _bullets(explain(picks)) if picks else "no LoRA of the library fits this prompt"
         return rows, why, insert_triggers(prompt, picks)
 
     def retrieve(self, prompt: str, k: float = 3):
@@ -396,7 +401,7 @@ class StudioApp:
                   f"{studio.device.type}; LoRAs: {used}; method: {rec.method or '-'}")
         if auto:
             studio.last_picks = picks
-            status += "\n\nauto-pick: " + explain(picks)
+            status += "\n\nauto-pick:\n\n" + _bullets(explain(picks))
         image = None
         if trace and studio.last_weight_trace is not None:
             image = weight_heatmap(studio.last_weight_trace, f"{rec.method}: LoRA weight applied per layer (rows) and step")
@@ -659,7 +664,7 @@ class StudioApp:
                             add = gr.Button("Add")
                             remove = gr.Button("Remove")
                         with gr.Row():
-                            method = gr.Dropdown(method_choices, value="auto", label="Fusion method")
+                            method = gr.Dropdown(method_choices, value="auto", label="Fusion method", elem_id="method")
                             params = gr.Textbox(label="Method parameters (JSON)", value="", placeholder='{"tau": 5}')
                         with gr.Row():
                             seed = gr.Number(value=0, precision=0, label="Seed")
