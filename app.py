@@ -668,8 +668,8 @@ class StudioApp:
                             params = gr.Textbox(label="Method parameters (JSON)", value="", placeholder='{"tau": 5}')
                         with gr.Row():
                             seed = gr.Number(value=0, precision=0, label="Seed")
-                            n = gr.Slider(1, 16, value=4, step=1, label="Images")
-                            steps = gr.Slider(1, 100, value=25, step=1, label="Steps")
+                            n = gr.Slider(1, 16, value=4, step=1, label="Images", elem_id="images")
+                            steps = gr.Slider(1, 100, value=25, step=1, label="Steps", elem_id="steps")
                             cfg = gr.Slider(0, 20, value=7, step=0.5, label="CFG")
                         with gr.Row():
                             auto_pick = gr.Checkbox(value=True, label="Auto-pick LoRAs when the table is empty")

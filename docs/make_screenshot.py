@@ -41,8 +41,10 @@ def free_port() -> int:
 
 
 def make_screenshot(png: str | Path, library: str | Path | None = None, chromium: str | None = None,
-                    prompt: str = PROMPT, method: str | None = "switch", n: int = 4,
+                    prompt: str = PROMPT, method: str | None = "switch", n: int = 4, steps: int | None = None,
                     timeout_s: float = 300) -> Path:
+    """Save a full-page screenshot of the Generate tab after generating `n` images (`steps`: None keeps the
+    UI's default) with `method` selected; returns the PNG path."""
     from playwright.sync_api import sync_playwright
 
     import app as appmod
@@ -74,6 +76,11 @@ def make_screenshot(png: str | Path, library: str | Path | None = None, chromium
                 page.wait_for_function(
                     "() => document.querySelectorAll('#loras tbody tr').length > 0 && "
                     "!document.querySelector('#loras tbody').innerText.includes('Loading')")
+                for elem, value in (("images", n), ("steps", steps)):
+                    if value is not None:
+                        field = page.locator(f"#{elem} input[type=number]")
+                        field.fill(str(value))
+                        field.press("Enter")
                 if method:
                     page.locator("#method input").click()
                     page.get_by_role("option", name=method, exact=True).click()
@@ -99,11 +106,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--library", default=None, help="LoRA folder (default: a synthetic library in a temp folder)")
     ap.add_argument("--chromium", default=None, help="Chromium executable (default: $CHROMIUM, then PATH)")
     ap.add_argument("--prompt", default=PROMPT)
+    ap.add_argument("--n", type=int, default=4, help="images (default 4)")
+    ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the UI's, 25)")
     ap.add_argument("--method", default="switch", help="fusion method to select (default switch: its heatmap "
                                                           "shows the LoRAs taking turns)")
     args = ap.parse_args(argv)
     started = time.monotonic()
-    path = make_screenshot(args.out, args.library, args.chromium, args.prompt, args.method)
+    path = make_screenshot(args.out, args.library, args.chromium, args.prompt, args.method, args.n, args.steps)
     print(f"{path} ({time.monotonic() - started:.0f}s)")
 
 

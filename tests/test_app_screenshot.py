@@ -2,7 +2,6 @@
 fusion method, generate, and wait for the gallery. Skipped without Playwright or a Chromium executable."""
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -22,12 +21,9 @@ def test_generate_in_a_headless_browser(tmp_path):
     from PIL import Image
 
     torch.set_num_threads(1)
-    png = make_screenshot.make_screenshot(tmp_path / "shot.png", chromium=CHROMIUM, timeout_s=150)
+    png = make_screenshot.make_screenshot(tmp_path / "shot.png", chromium=CHROMIUM, n=2, steps=4,
+                                          timeout_s=120)
     with Image.open(png) as im:
         assert im.width >= 1200 and im.height >= 1000
         colors = im.convert("RGB").resize((64, 64)).getcolors(64 * 64)
     assert colors is not None and len(colors) > 50  # a rendered page, not a blank one
-
-
-def test_the_script_is_importable():
-    assert importlib.util.find_spec("make_screenshot") is not None
