@@ -7,8 +7,10 @@ the feed-forward, i.e. every Linear/Conv2d of the transformer blocks, as a kohya
 call with CFG batch 2 (uncond + cond), under ``torch.inference_mode``; the step index advances every call (so
 per-step schedules really change). Each LoRA set (targets, rank, N) is timed in ``--rounds`` interleaved rounds:
 a round loads the LoRAs for each contender in turn (PEFT adapters, then our runtime) and times one step of every
-method (ours after one warm-up step: a static schedule folds its weights there); a method's time is its median
-over the rounds, so the slow drift of a shared machine hits every method alike. On CPU the clock is the process's
+method after ``--warmup`` untimed steps (default 0 on CPU, 2 on GPU; `static` runs first and always gets one more:
+it folds its weights then, once per run, and our layers learn their token counts for the cost model); the steps
+that follow are what every step of a run costs (per-step and per-branch schedules re-plan or hit their cache each
+step, as in a run). A method's time is its median over the rounds, so the slow drift of a shared machine hits every method alike. On CPU the clock is the process's
 CPU time (single-threaded by default: other jobs on the machine then do not count; wall-clock is kept in
 ``ms_wall``); on GPU wall-clock after ``cuda.synchronize``.
 
@@ -40,6 +42,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 import json
 import statistics
 import sys
@@ -71,6 +78,58 @@ class PerLayerStep(Schedule):
         n, layers = len(self.binding.names), len(self.binding.unet_layers)
         phase = step * 0.61 + torch.arange(layers, dtype=torch.float32)[None] * 0.37 + torch.arange(n)[:, None]
         return (self.table(step, n_steps) * (0.75 + 0.25 * torch.sin(phase)))[None]
+
+
+JEMALLOC_CONF = "retain:true,dirty_decay_ms:30000,muzzy_decay_ms:0,background_thread:false"
+
+
+def find_jemalloc() -> str | None:
+    """A jemalloc shared library: $JEMALLOC, the system's, or the one Ray ships (a dependency of the batch runner)."""
+    import glob
+    import site
+
+    candidates = [os.environ.get("JEMALLOC", ""), "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2"]
+    for d in site.getsitepackages():
+        candidates += sorted(glob.glob(os.path.join(d, "ray", "core", "libjemalloc.so*")))
+    return next((c for c in candidates if c and os.path.exists(c)), None)
+
+
+def use_jemalloc(argv) -> str | None:
+    """Re-run this script with jemalloc preloaded (freed memory kept for 30 s before it goes back to the OS); returns
+    the library when already running under it, None when none was found (glibc malloc, see `keep_freed_memory`).
+
+    Why: with glibc (even tuned by `keep_freed_memory`), after our runtime's activation every step page-faulted
+    ~144k pages for our methods (perf: inside the GEMM kernels, i.e. fresh activation memory) and almost none for
+    the base and diffusers steps measured in the same process; ~0.2 s of kernel time per SD1.5 step at latent 8 on
+    this VM, an artefact of glibc's heap layout (we did not pin the mechanism down), not of the runtime's work.
+    Under jemalloc every method runs on the same warm heap (a few hundred to a few thousand faults per step).
+    """
+    if os.environ.get("_SPEED_JEMALLOC"):
+        return os.environ["_SPEED_JEMALLOC"]
+    lib = find_jemalloc()
+    if lib is None:
+        return None
+    env = dict(os.environ, LD_PRELOAD=":".join(filter(None, [lib, os.environ.get("LD_PRELOAD")])),
+               MALLOC_CONF=JEMALLOC_CONF, _SPEED_JEMALLOC=lib)
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *argv], env)
+
+
+def keep_freed_memory() -> str | None:
+    """glibc malloc: serve big tensors from the heap (mmap threshold 32 MiB, its maximum) and never give freed
+    memory back to the OS. Otherwise every step maps and unmaps its activations afresh; on a VM whose page faults
+    are slow (this one: ~465k faults per SD1.5 step, 10x the step's CPU time in wall-clock) that cost, the same
+    for every method, would swamp the differences. Returns what was set (None where glibc is not there)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        ok = [libc.mallopt(-3, 32 << 20), libc.mallopt(-1, (1 << 31) - 1), libc.mallopt(-2, 256 << 20)]
+    except (OSError, AttributeError):
+        return None
+    return "glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 2 GiB, M_TOP_PAD 256 MiB" if all(ok) else None
 
 
 def build_unet(kind: str, device, dtype):
@@ -140,7 +199,7 @@ def schedule_for(method: str, names: list[str], weights: dict[str, float]) -> Sc
     raise ValueError(method)
 
 
-def bench_unet(kind: str, args, device, dtype, rows: list, log) -> None:
+def bench_unet(kind: str, args, device, dtype, rows: list, log, save) -> None:
     """Every (targets, rank, N) block is measured in `args.rounds` interleaved rounds: each round times every
     method once (base, diffusers unfused and fused, ours), so a shared machine's slow drift hits all methods alike;
     a method's time is its median over the rounds, its ratios are to the same block's base and diffusers rows."""
@@ -156,23 +215,28 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log) -> None:
     def run():
         return unet(sample, 500, encoder_hidden_states=ehs, return_dict=False, **extra)[0]
 
-    def measure(call, warmup: int) -> tuple[float, float, torch.Tensor]:
-        """``(clock s, wall s, output)`` of one call after `warmup` calls; the step advances every call."""
+    def faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+    def measure(call, warmup: int) -> tuple[float, float, int, torch.Tensor]:
+        """``(clock s, wall s, page faults, output)`` of one call after `warmup` calls; the step advances every
+        call."""
         for _ in range(warmup):
             call(state["step"])
             state["step"] += 1
         sync = device.type == "cuda"
         if sync:
             torch.cuda.synchronize()
-        c0, w0 = clock(), time.perf_counter()
+        f0, c0, w0 = faults(), clock(), time.perf_counter()
         out = call(state["step"])
         if sync:
             torch.cuda.synchronize()
-        c1, w1 = clock(), time.perf_counter()
+        c1, w1, f1 = clock(), time.perf_counter(), faults()
         state["step"] += 1
-        return c1 - c0, w1 - w0, out
+        return c1 - c0, w1 - w0, f1 - f0, out
 
     methods = [m for m in METHODS if m == "base" or m in args.methods]
+    ours = [m for m in OURS if m in methods]
     with torch.inference_mode():
         measure(lambda step: run(), 1)  # the first call of a fresh model (allocator, lazy init)
         for target in args.targets:
@@ -180,6 +244,8 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log) -> None:
             grid = [(r, n) for r in args.ranks for n in args.n_loras]
             if target != "attn":
                 grid = [(r, n) for r, n in grid if (r, n) in ((16, 3),)]  # kohya: the headline case only
+                if kind not in args.kohya_unets:
+                    continue
             for rank, n in grid:
                 tb = time.time()
                 loras = {f"l{i}": random_lora(shapes, rank, seed=100 * rank + i) for i in range(n)}
@@ -187,45 +253,45 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log) -> None:
                 names = list(loras)
                 times = {m: [] for m in methods}
                 walls = {m: [] for m in methods}
+                page_faults = {m: [] for m in methods}
                 info = {m: {} for m in methods}
                 outputs = {}
 
                 def keep(method, result):
-                    c, w, out = result
+                    c, w, f, out = result
                     times[method].append(c)
                     walls[method].append(w)
+                    page_faults[method].append(f)
                     outputs[method] = out
 
                 for _ in range(args.rounds):
-                    keep("base", measure(lambda step: run(), 0))
+                    keep("base", measure(lambda step: run(), args.warmup))
                     if set(DIFFUSERS) & set(methods):  # diffusers / PEFT adapters, loaded for this round
                         for name, lora in loras.items():
                             unet.load_lora_adapter(peft_state_dict(lora), prefix="unet", adapter_name=name)
                         unet.set_adapters(names, weights=[weights[x] for x in names])
                         if "diffusers_unfused" in methods:
-                            keep("diffusers_unfused", measure(lambda step: run(), 0))
+                            keep("diffusers_unfused", measure(lambda step: run(), args.warmup))
                         if "diffusers_fused" in methods:
                             unet.fuse_lora(adapter_names=names)
-                            keep("diffusers_fused", measure(lambda step: run(), 0))
+                            keep("diffusers_fused", measure(lambda step: run(), args.warmup))
                             unet.unfuse_lora()
                         unet.unload_lora()
                     rt = LoRARuntime(unet=unet, cfg=True)  # ours, attached for this round
                     try:
                         for name, lora in loras.items():
                             rt.load(name, lora)
-                        for method in OURS:
-                            if method not in methods:
-                                continue
+                        for method in ours:
                             rt.activate(names, schedule_for(method, names, weights))
 
                             def call(step):
                                 rt.set_step(step % n_steps, n_steps)
                                 return run()
 
-                            # one warm-up call: a static schedule folds its weights then (once per run), the
-                            # others plan their layers (the layers' token counts are known from then on)
+                            # static (first) folds its weights in its warm-up call (once per run); from then on the
+                            # layers know their token counts, and each later first step is a steady-state step
                             calls, rows_before = rt.unet_calls, rt.unet_rows
-                            keep(method, measure(call, 1))
+                            keep(method, measure(call, args.warmup + (method == ours[0])))
                             modes = {}  # what the layers did in the last call: off / patched / lowrank:<plan>
                             for layer in rt.layers.values():
                                 key = f"{layer.mode}:{layer.plan}" if layer.mode == "lowrank" else layer.mode
@@ -242,7 +308,8 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log) -> None:
                                     targets=target, modules=len(shapes), method=m,
                                     ms_per_step=round(1000 * statistics.median(times[m]), 2),
                                     ms_rounds=[round(1000 * t, 2) for t in times[m]],
-                                    ms_wall=[round(1000 * t, 2) for t in walls[m]], **info[m])
+                                    ms_wall=[round(1000 * t, 2) for t in walls[m]], page_faults=page_faults[m],
+                                    **info[m])
                 for m, row in block.items():
                     for ref in ("base",) + DIFFUSERS:
                         if ref in block:
@@ -267,6 +334,7 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log) -> None:
                             f"{block[m]['rel_diff_to_diffusers_unfused']:.1e}")
                 del loras, outputs
                 gc.collect()
+                save(complete=False)
     log(f"[{kind}] done in {time.time() - t0:.0f}s")
     del unet
     gc.collect()
@@ -280,10 +348,14 @@ def markdown(report: dict) -> str:
     rows = report["rows"]
     st = report["settings"]
     lines = [f"# Step speed with LoRAs ({report['device']})", "",
-             f"Machine: {report['machine']}.  ", f"Settings: {st}.", "",
+             f"Machine: {report['machine']}.  ", f"Settings: {st}.", ""]
+    if not st.get("complete", True):
+        lines += ["**Incomplete run**: the rows below are the LoRA sets measured before it stopped.", ""]
+    lines += [
              "One step = one UNet call with CFG batch 2 (uncond + cond), under `torch.inference_mode`, the step index "
              f"advancing every call. Clock: {st['clock']}. Each LoRA set is timed in {st['rounds']} interleaved "
-             "rounds (every method once per round; ours after one warm-up step); a time is the median over the "
+             f"rounds (every method once per round, after {st['warmup']} untimed steps; static after one more, "
+             "its fold); a time is the median over the "
              "rounds. Ratios are to the same LoRA set's rows: the base UNet, and diffusers/PEFT with the same LoRAs "
              "and weights (`set_adapters` unfused, and after `fuse_lora`). Composite runs 1+N rows in one call; "
              "`× N·base` compares it with the N separate CFG steps of the reference implementation. Layer modes: "
@@ -324,25 +396,41 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--unets", default="sd15,sdxl")
     ap.add_argument("--latent-sd15", type=int, default=None, help="default: 64 on GPU, 32 on CPU")
-    ap.add_argument("--latent-sdxl", type=int, default=None, help="default: 128 on GPU, 32 on CPU")
+    ap.add_argument("--latent-sdxl", type=int, default=None, help="default: 128 on GPU, 24 on CPU")
     ap.add_argument("--ranks", default="16,64")
     ap.add_argument("--n-loras", default="1,3,5")
     ap.add_argument("--targets", default="attn,kohya", help="attn (all rank/N) and kohya (rank 16, N=3 only)")
+    ap.add_argument("--kohya-unets", default=None, help="UNets that get the kohya block (default: all on GPU; sd15 "
+                    "on CPU, where SDXL's fp32 weights plus the saved originals of every transformer layer would not "
+                    "fit in memory)")
     ap.add_argument("--methods", default=",".join(METHODS[1:]))
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on CPU, torch's on GPU)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (each times every method once)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps before each timed one (default: 0 on "
+                    "CPU, 2 on GPU; static always gets one more)")
+    ap.add_argument("--allocator", choices=("auto", "glibc"), default="auto",
+                    help="auto: on CPU, re-run under jemalloc (retained memory) when one is found; glibc: as is")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
-    args = ap.parse_args(argv)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     gpu = device.type == "cuda"
     if args.threads or not gpu:
         torch.set_num_threads(args.threads or 1)
+    malloc = None
+    if not gpu and args.allocator == "auto":
+        lib = use_jemalloc(sys.argv[1:] if argv is None else argv)  # returns only when already under jemalloc
+        if lib is not None:
+            malloc = f"jemalloc ({lib}), MALLOC_CONF={JEMALLOC_CONF}"
+    if not gpu and malloc is None:
+        malloc = keep_freed_memory()
+    args.warmup = args.warmup if args.warmup is not None else (2 if gpu else 0)
     args.latent_sd15 = args.latent_sd15 or (64 if gpu else 32)
-    args.latent_sdxl = args.latent_sdxl or (128 if gpu else 32)
+    args.latent_sdxl = args.latent_sdxl or (128 if gpu else 24)
     args.ranks = [int(x) for x in args.ranks.split(",")]
     args.n_loras = [int(x) for x in args.n_loras.split(",")]
     args.targets = args.targets.split(",")
+    args.kohya_unets = (args.kohya_unets or ("sd15,sdxl" if gpu else "sd15")).split(",")
     args.methods = args.methods.split(",")
     unknown = set(args.methods) - set(METHODS)
     if unknown:
@@ -350,24 +438,32 @@ def main(argv=None):
     from diffusers.utils import logging as dlogging
 
     dlogging.set_verbosity_error()
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     rows: list[dict] = []
     log = lambda s: print(f"{time.time() - t0:7.0f}s {s}", flush=True)  # noqa: E731
-    for kind in args.unets.split(","):
-        bench_unet(kind, args, device, dtype, rows, log)
-    settings = dict(latent_sd15=args.latent_sd15, latent_sdxl=args.latent_sdxl, dtype=str(dtype).removeprefix("torch."),
-                    rounds=args.rounds, warmup="1 call for ours (the static fold happens there)", ranks=args.ranks, n_loras=args.n_loras,
-                    targets=args.targets, methods=args.methods, threads=torch.get_num_threads(), batch=2, cfg=True,
-                    inference_mode=True,
-                    clock="process CPU time (shared machine: excludes waiting for a core; wall-clock in ms_wall)"
-                    if device.type != "cuda" else "wall-clock after cuda synchronize", lora_init="randn, alpha=rank", lora_weights="0.8 - 0.1 i",
-                    kohya_grid="rank 16, N=3 only", seconds=round(time.time() - t0))
-    report = dict(device=f"{device.type} ({machine().get('gpu', machine()['cpu'])})", machine=machine(),
-                  settings=settings, rows=rows)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
+
+    def save(complete: bool) -> None:
+        """Write the JSON and the markdown (after every LoRA set, so a cut-off run leaves what it measured)."""
+        settings = dict(
+            latent_sd15=args.latent_sd15, latent_sdxl=args.latent_sdxl, dtype=str(dtype).removeprefix("torch."),
+            batch=2, cfg=True, rounds=args.rounds, warmup=args.warmup, ranks=args.ranks, n_loras=args.n_loras,
+            targets=args.targets, kohya_grid="rank 16, N=3 only", kohya_unets=args.kohya_unets, methods=args.methods,
+            threads=torch.get_num_threads(), inference_mode=True, malloc=malloc,
+            clock="process CPU time (shared machine: excludes waiting for a core; wall-clock in ms_wall)"
+            if not gpu else "wall-clock after cuda.synchronize",
+            lora_init="randn, alpha=rank (scale 1)", lora_weights="0.8 - 0.1 i for LoRA i",
+            wall_seconds=round(time.time() - t0), cpu_seconds=round(time.process_time() - c0), complete=complete)
+        info = machine()
+        report = dict(device=f"{device.type} ({info.get('gpu', info['cpu'])})", machine=info, settings=settings,
+                      rows=rows)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(markdown(report))
+
+    for kind in args.unets.split(","):
+        bench_unet(kind, args, device, dtype, rows, log, save)
+    save(complete=True)
     log(f"wrote {out} and {out.with_suffix('.md')}")
 
 
