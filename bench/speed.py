@@ -80,7 +80,7 @@ class PerLayerStep(Schedule):
         return (self.table(step, n_steps) * (0.75 + 0.25 * torch.sin(phase)))[None]
 
 
-JEMALLOC_CONF = "retain:true,dirty_decay_ms:30000,muzzy_decay_ms:0,background_thread:false"
+JEMALLOC_CONF = "retain:true,dirty_decay_ms:600000,muzzy_decay_ms:0,background_thread:false"
 
 
 def find_jemalloc() -> str | None:
@@ -96,7 +96,8 @@ def find_jemalloc() -> str | None:
 
 
 def use_jemalloc(argv) -> str | None:
-    """Re-run this script with jemalloc preloaded (freed memory kept for 30 s before it goes back to the OS); returns
+    """Re-run this script with jemalloc preloaded (freed memory kept for 10 min before it goes back to the OS: on a
+    busy machine one round of steps can take minutes of wall-clock); returns
     the library when already running under it, None when none was found (glibc malloc, see `keep_freed_memory`).
 
     Why: with glibc (even tuned by `keep_freed_memory`), after our runtime's activation every step page-faulted
@@ -241,7 +242,8 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log, save) -> None:
         measure(lambda step: run(), 1)  # the first call of a fresh model (allocator, lazy init)
         for target in args.targets:
             shapes = targets(unet, target)
-            grid = [(r, n) for r in args.ranks for n in args.n_loras]
+            # the headline (N=3) first, so that a run cut short has it
+            grid = [(r, n) for r in args.ranks for n in sorted(args.n_loras, key=lambda n: (n != 3, n))]
             if target != "attn":
                 grid = [(r, n) for r, n in grid if (r, n) in ((16, 3),)]  # kohya: the headline case only
                 if kind not in args.kohya_unets:
@@ -362,6 +364,9 @@ def markdown(report: dict) -> str:
              "what our layers did in the timed step (`patched`: weights folded in; `lowrank:<plan>`). "
              "Produced by `bench/speed.py`; numbers are not edited.", ""]
     kinds = list(dict.fromkeys(r["unet"] for r in rows))
+    order = {m: i for i, m in enumerate(METHODS)}
+    rows = sorted(rows, key=lambda r: (kinds.index(r["unet"]), r["targets"] != "attn", r["rank"], r["n_loras"],
+                                       order[r["method"]]))
     heads = [r for r in rows if r["method"] != "base" and r["n_loras"] == 3 and r["targets"] == "attn"]
     if heads:
         lines += ["## Headline: 3 LoRAs on the attention projections", "",
@@ -373,7 +378,7 @@ def markdown(report: dict) -> str:
                          f"{_ratio(r.get('ratio_to_diffusers_fused'))} |")
         lines.append("")
     for kind in kinds:
-        ours = [r for r in rows if r["unet"] == kind]
+        ours = [r for r in rows if r["unet"] == kind]  # sorted above
         latent = next(r["latent"] for r in rows if r["unet"] == kind)
         lines += [f"## {kind} (latents {latent}x{latent})", "",
                   "| targets | rank | N | method | ms/step | × base | × diffusers unfused | × diffusers fused | "
