@@ -180,7 +180,7 @@ class AdaptedLayer(nn.Module):
             y = F.linear(x, base.weight, base.bias)
         state = self.__dict__
         # rows the layer processes (tokens, or output positions of a conv), for the runtime's cost model
-        state["tokens"] = x.numel() // x.shape[1] if self.is_conv else x.numel() // x.shape[-1]
+        state["tokens"] = y.numel() // y.shape[1] if self.is_conv else x.numel() // x.shape[-1]
         state["batch"] = x.shape[0]  # a 2-D Linear input is [batch, features]: one row per sample
         if state["mode"] != LOWRANK:
             return y

@@ -13,9 +13,13 @@ It plugs into a diffusers pipeline without copying pipeline code:
 When every sample of a call shares its weights (Merge, block weights, Switch, start/stop; no grad), the layers
 fold the current weights into their base weights (``W0 + Σ w ΔW``, recomputed only for layers whose weights
 changed; a layer whose re-fold would cost more than its low-rank forward, by `AdaptedLayer.lowrank_cost`, runs
-low-rank instead), so a step with unchanged weights costs what the base model costs; per-branch or per-pass
-weights run the low-rank path. ``strategy="lowrank"`` always runs the low-rank path. The original weights are
-kept: `unfuse`, `deactivate` and `remove` restore them bit for bit.
+low-rank instead, its weights folded into its up factor: the ``shared`` plan), so a step with unchanged weights
+costs what the base model costs. Per-branch or per-pass weights run the low-rank path: without grad, each segment
+of samples that share weights (a CFG half, a Composite pass) runs only the ranks of its non-zero LoRAs on its own
+rows (``segments``) where the cost model finds that cheaper than one batched product with per-sample scales
+(``per_sample``, also the path with grad: it is differentiable in the weights, for gate training).
+``strategy="lowrank"`` never folds. The original weights are kept: `unfuse`, `deactivate` and `remove` restore
+them bit for bit.
 
 Do not deep-copy a model while a runtime is attached (the copy holds wrapped layers and possibly folded
 weights); `remove()` first.
