@@ -413,7 +413,7 @@ class StudioApp:
                          auto_pick, heatmap, progress)
 
     @staticmethod
-    def select_recipe(recipes, index=None, evt: gr.EventData | None = None):
+    def select_recipe(recipes, index=None, evt: gr.EventData = None):  # a plain class hint: Gradio injects it
         """The recipe of image `index` of the gallery: from the click's event data in the browser, from `index`
         through the API (``client.predict(recipes, 1, api_name="/select_recipe")``); None if out of range."""
         data = getattr(evt, "_data", None)

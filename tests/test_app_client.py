@@ -8,6 +8,7 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import gradio as gr
 import pytest
 import torch
 from PIL import Image
@@ -114,6 +115,13 @@ def test_generate_and_select_recipe(served):
     assert "2 image(s)" in status and "switch" in status
     assert client.predict(recipes, 1, api_name="/select_recipe") == recipes[1]
     assert client.predict(recipes, 5, api_name="/select_recipe") is None
+    # a click on the gallery: Gradio injects the event data (the hint must be the plain class for that)
+    assert appmod.StudioApp.select_recipe(recipes, None, gr.SelectData(None, {"index": 1, "value": None})) == \
+        recipes[1]
+    import typing
+
+    hint = typing.get_type_hints(appmod.StudioApp.select_recipe)["evt"]
+    assert isinstance(hint, type) and issubclass(hint, gr.EventData)
     with pytest.raises(Exception, match="not JSON"):
         client.predict(PROMPT, rows, "switch", "{tau", 0, 1, STEPS, 7.0, "", True, False, api_name="/generate")
 
