@@ -10,9 +10,10 @@ a round loads the LoRAs for each contender in turn (PEFT adapters, then our runt
 method after ``--warmup`` untimed steps (default 0 on CPU, 2 on GPU; `static` runs first and always gets one more:
 it folds its weights then, once per run, and our layers learn their token counts for the cost model); the steps
 that follow are what every step of a run costs (per-step and per-branch schedules re-plan or hit their cache each
-step, as in a run). A method's time is its median over the rounds, so the slow drift of a shared machine hits every method alike. On CPU the clock is the process's
-CPU time (single-threaded by default: other jobs on the machine then do not count; wall-clock is kept in
-``ms_wall``); on GPU wall-clock after ``cuda.synchronize``.
+step, as in a run). A method's time is its median over the rounds, so the slow drift of a shared machine hits
+every method alike. On CPU the clock is the process's user CPU time (single-threaded by default: other jobs on the machine then do not count, nor does the kernel's
+page-fault handling, see `CPU_CLOCK`; system time, page faults and wall-clock are kept per step); on GPU
+wall-clock after ``cuda.synchronize``.
 
 Methods (the same LoRAs, the same weights, in the same run):
 
@@ -80,6 +81,9 @@ class PerLayerStep(Schedule):
         return (self.table(step, n_steps) * (0.75 + 0.25 * torch.sin(phase)))[None]
 
 
+CPU_CLOCK = ("user CPU time of the process (1 thread): excludes waiting for a core on a shared machine, and the "
+             "kernel's page-fault handling (in ms_system with page_faults: here the VM's DAMON reclaimer unmaps pages "
+             "of a process that waits long for a core, ~0.6M faults per step for every method); wall-clock in ms_wall")
 JEMALLOC_CONF = "retain:true,dirty_decay_ms:600000,muzzy_decay_ms:0,background_thread:false"
 
 
@@ -104,7 +108,8 @@ def use_jemalloc(argv) -> str | None:
     ~144k pages for our methods (perf: inside the GEMM kernels, i.e. fresh activation memory) and almost none for
     the base and diffusers steps measured in the same process; ~0.2 s of kernel time per SD1.5 step at latent 8 on
     this VM, an artefact of glibc's heap layout (we did not pin the mechanism down), not of the runtime's work.
-    Under jemalloc every method runs on the same warm heap (a few hundred to a few thousand faults per step).
+    Under jemalloc every method runs on the same warm heap (a few hundred to a few thousand faults per step, unless
+    the VM's reclaimer unmaps pages, see `CPU_CLOCK`).
     """
     if os.environ.get("_SPEED_JEMALLOC"):
         return os.environ["_SPEED_JEMALLOC"]
@@ -210,31 +215,36 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log, save) -> None:
     sample, ehs, extra = unet_inputs(unet, kind, latent, device, dtype)
     log(f"[{kind}] built in {time.time() - t0:.0f}s; latents {latent}x{latent}, batch 2")
     n_steps = 1000  # schedules see steps 0..n_steps-1; the step advances every call
-    clock = time.perf_counter if device.type == "cuda" else time.process_time
     state = {"step": 0}
 
     def run():
         return unet(sample, 500, encoder_hidden_states=ehs, return_dict=False, **extra)[0]
 
-    def faults() -> int:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+    def usage() -> tuple[float, float, int]:
+        """(user CPU s, system CPU s, minor page faults) of this process so far."""
+        if resource is None:
+            return time.process_time(), 0.0, 0
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime, r.ru_stime, r.ru_minflt
 
-    def measure(call, warmup: int) -> tuple[float, float, int, torch.Tensor]:
-        """``(clock s, wall s, page faults, output)`` of one call after `warmup` calls; the step advances every
-        call."""
+    def measure(call, warmup: int) -> tuple[float, float, float, int, torch.Tensor]:
+        """``(clock s, system CPU s, wall s, page faults, output)`` of one call after `warmup` calls; the step
+        advances every call. The clock: user CPU time on CPU (see `CPU_CLOCK`), wall-clock on GPU."""
         for _ in range(warmup):
             call(state["step"])
             state["step"] += 1
         sync = device.type == "cuda"
         if sync:
             torch.cuda.synchronize()
-        f0, c0, w0 = faults(), clock(), time.perf_counter()
+        u0, s0, f0 = usage()
+        w0 = time.perf_counter()
         out = call(state["step"])
         if sync:
             torch.cuda.synchronize()
-        c1, w1, f1 = clock(), time.perf_counter(), faults()
+        w1 = time.perf_counter()
+        u1, s1, f1 = usage()
         state["step"] += 1
-        return c1 - c0, w1 - w0, f1 - f0, out
+        return (w1 - w0 if sync else u1 - u0), s1 - s0, w1 - w0, f1 - f0, out
 
     methods = [m for m in METHODS if m == "base" or m in args.methods]
     ours = [m for m in OURS if m in methods]
@@ -256,12 +266,14 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log, save) -> None:
                 times = {m: [] for m in methods}
                 walls = {m: [] for m in methods}
                 page_faults = {m: [] for m in methods}
+                sys_times = {m: [] for m in methods}
                 info = {m: {} for m in methods}
                 outputs = {}
 
                 def keep(method, result):
-                    c, w, f, out = result
+                    c, sys_s, w, f, out = result
                     times[method].append(c)
+                    sys_times[method].append(sys_s)
                     walls[method].append(w)
                     page_faults[method].append(f)
                     outputs[method] = out
@@ -310,7 +322,8 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log, save) -> None:
                                     targets=target, modules=len(shapes), method=m,
                                     ms_per_step=round(1000 * statistics.median(times[m]), 2),
                                     ms_rounds=[round(1000 * t, 2) for t in times[m]],
-                                    ms_wall=[round(1000 * t, 2) for t in walls[m]], page_faults=page_faults[m],
+                                    ms_wall=[round(1000 * t, 2) for t in walls[m]],
+                                    ms_system=[round(1000 * t, 2) for t in sys_times[m]], page_faults=page_faults[m],
                                     **info[m])
                 for m, row in block.items():
                     for ref in ("base",) + DIFFUSERS:
@@ -455,8 +468,7 @@ def main(argv=None):
             batch=2, cfg=True, rounds=args.rounds, warmup=args.warmup, ranks=args.ranks, n_loras=args.n_loras,
             targets=args.targets, kohya_grid="rank 16, N=3 only", kohya_unets=args.kohya_unets, methods=args.methods,
             threads=torch.get_num_threads(), inference_mode=True, malloc=malloc,
-            clock="process CPU time (shared machine: excludes waiting for a core; wall-clock in ms_wall)"
-            if not gpu else "wall-clock after cuda.synchronize",
+            clock=CPU_CLOCK if not gpu else "wall-clock after cuda.synchronize",
             lora_init="randn, alpha=rank (scale 1)", lora_weights="0.8 - 0.1 i for LoRA i",
             wall_seconds=round(time.time() - t0), cpu_seconds=round(time.process_time() - c0), complete=complete)
         info = machine()
