@@ -12,7 +12,8 @@ weight, ``W = W0 + Σ w_i ΔW_i``: one dense layer, no extra op). The original w
 is a copy: bit-exact. A ``lowrank`` layer runs one of three plans:
 
 - ``shared``: every sample has the same weights; they are folded into the factors once (``up · diag(w)``, and
-  the dense ΔWs summed), so the forward is ``y += (x · downᵀ) · up_wᵀ`` (an in-place ``addmm`` without grad);
+  the dense ΔWs summed), so the forward is ``y += (x · downᵀ) · up_wᵀ`` (an in-place ``addmm`` without grad),
+  over the contiguous range of ranks whose weights are non-zero (Switch's one LoRA, a top-K subset);
 - ``segments`` (no grad): consecutive samples share weights (CFG halves, Composite's passes); each segment runs
   only the ranks of its non-zero LoRAs on its own rows, with its weights folded into ``up``;
 - ``per_sample``: a ``[batch, Σr]`` scale on the rank axis (each LoRA's weight repeated over its ranks), so the
@@ -61,7 +62,8 @@ class AdaptedLayer(nn.Module):
     def _reset_plan(self) -> None:
         state = self.__dict__
         state["plan"] = None
-        state["up_w"] = None  # shared: [out, Σr], the weights folded in
+        state["up_w"] = None  # shared: [out, k1 - k0], the weights folded in
+        state["shared_k"] = None  # shared: the rank range (k0, k1) that runs
         state["dense_w"] = None  # shared: Σ w_i ΔW_i
         state["segments"] = []  # segments: [(b0, b1, k0, k1, up[:, k0:k1] · w)]
         state["s_fast"] = None  # per_sample: [batch or 1, Σr]
@@ -136,12 +138,20 @@ class AdaptedLayer(nn.Module):
         self._reset_plan()
         self.__dict__["mode"] = OFF
 
-    def set_shared(self, w_fast: torch.Tensor | None, w_dense: torch.Tensor | None) -> None:
-        """Every sample has these weights (per rank for fast LoRAs, per LoRA for dense ones; None: all 0)."""
+    def _ranks(self, ranks: tuple[int, int] | None) -> tuple[int, int]:
+        return (0, self.down.shape[0]) if ranks is None else (int(ranks[0]), int(ranks[1]))
+
+    def set_shared(self, w_fast: torch.Tensor | None, w_dense: torch.Tensor | None,
+                   ranks: tuple[int, int] | None = None) -> None:
+        """Every sample has these weights (per rank for fast LoRAs, per LoRA for dense ones; None: all 0).
+
+        `ranks`: ``(k0, k1)``, the fast ranks that run (the weights outside are 0; default: all)."""
         self._reset_plan()
         state = self.__dict__
         if w_fast is not None and self.down is not None:
-            state["up_w"] = self.up * w_fast.to(self.up.dtype)
+            k0, k1 = self._ranks(ranks)
+            state["up_w"] = self.up[:, k0:k1] * w_fast[k0:k1].to(self.up.dtype)
+            state["shared_k"] = (k0, k1)
         if w_dense is not None and self.dense is not None:
             state["dense_w"] = torch.tensordot(w_dense.to(self.dense.dtype), self.dense, dims=1)
         state["plan"] = SHARED
@@ -188,7 +198,9 @@ class AdaptedLayer(nn.Module):
         plan = state["plan"]
         if plan == SHARED:
             if state["up_w"] is not None:
-                y = self._accumulate(y, self._op(x, self.down), state["up_w"], inplace)
+                k0, k1 = state["shared_k"]
+                down = self.down if k0 == 0 and k1 == self.down.shape[0] else self.down[k0:k1]
+                y = self._accumulate(y, self._op(x, down), state["up_w"], inplace)
             if state["dense_w"] is not None:
                 d = self._op(x, state["dense_w"])
                 y = y.add_(d) if inplace else y + d
@@ -242,8 +254,9 @@ class AdaptedLayer(nn.Module):
         lowrank = tokens * ((inp + out) * r + (inp + 2 * out) * self.MEM_COST) + 3 * self.OP_COST
         return fold, lowrank
 
-    def lowrank_cheaper(self) -> bool:
-        cost = self.lowrank_cost()
+    def lowrank_cheaper(self, ranks: tuple[int, int] | None = None) -> bool:
+        """Whether one low-rank forward (of ranks ``k0:k1``, default all) costs less than re-folding them."""
+        cost = self.lowrank_cost(None if ranks is None else ranks[1] - ranks[0])
         return cost is not None and cost[1] < cost[0]
 
     def segments_cheaper(self, rows_ranks: list[tuple[int, int]], batch: int) -> bool:
@@ -299,8 +312,11 @@ class AdaptedLayer(nn.Module):
 
     # ---------------------------------------------------------------- patching
 
-    def patch(self, w_fast: torch.Tensor | None, w_dense: torch.Tensor | None) -> None:
-        """Fold the weights (per rank for fast LoRAs, per LoRA for dense ones; None: all 0) into the base weight."""
+    def patch(self, w_fast: torch.Tensor | None, w_dense: torch.Tensor | None,
+              ranks: tuple[int, int] | None = None) -> None:
+        """Fold the weights (per rank for fast LoRAs, per LoRA for dense ones; None: all 0) into the base weight.
+
+        `ranks`: ``(k0, k1)``, the fast ranks to fold (the weights outside are 0; default: all)."""
         weight = self.base.weight
         if self.original is None:
             self.original = weight.detach().clone()
@@ -308,12 +324,13 @@ class AdaptedLayer(nn.Module):
         flat = (weight.shape[0], -1)
         self._reset_plan()
         if self.down is not None and w_fast is not None:
-            scaled = self.up * w_fast.detach().to(device=self.up.device, dtype=self.up.dtype)
+            k0, k1 = self._ranks(ranks)
+            scaled = self.up[:, k0:k1] * w_fast[k0:k1].detach().to(device=self.up.device, dtype=self.up.dtype)
+            down = self.down[k0:k1].reshape(k1 - k0, -1)
             if weight.dtype == torch.float32:
-                torch.addmm(self.original.view(flat), scaled, self.down.view(self.down.shape[0], -1),
-                            out=weight.data.view(flat))
+                torch.addmm(self.original.view(flat), scaled, down, out=weight.data.view(flat))
             else:  # half precision: sum in float32, round once
-                delta = scaled.float() @ self.down.view(self.down.shape[0], -1).float()
+                delta = scaled.float() @ down.float()
                 weight.data.copy_((self.original.float().view(flat) + delta).view(weight.shape))
         else:
             weight.data.copy_(self.original)

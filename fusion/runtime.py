@@ -86,6 +86,20 @@ class _Group:
         d = torch.zeros(n).index_add_(0, self.dense_layer, dense_values.detach().float().abs())
         return (f > 0).tolist(), (d > 0).tolist()
 
+    def _rank_ranges(self, values: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+        """Per row of ``values [S, fast entries]`` and per layer: the first and the last position (within the layer's
+        ranks) of a non-zero entry; ``last = -1`` where all are 0. LoRAs are contiguous rank blocks of the factors."""
+        n_rows, n_layers = values.shape[0], len(self.layers)
+        nz = values.detach() != 0
+        big = 1 << 30
+        target = self.fast_layer.expand(n_rows, -1)
+        pos = self.fast_pos.expand(n_rows, -1)
+        first = torch.full((n_rows, n_layers), big, dtype=torch.long).scatter_reduce_(
+            1, target, torch.where(nz, pos, big), "amin")
+        last = torch.full((n_rows, n_layers), -1, dtype=torch.long).scatter_reduce_(
+            1, target, torch.where(nz, pos, -1), "amax")
+        return first.tolist(), last.tolist()
+
     def _gather(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = weights.float().reshape(weights.shape[0], -1)
         return flat[:, self.fast_index], flat[:, self.dense_index]
@@ -118,6 +132,9 @@ class _Group:
                 return
             changed = self._per_layer_any(wf != last[0], wd != last[1])
         fast_on, dense_on = self._per_layer(wf, wd)
+        # without grad only the non-zero rank range of each layer runs (with grad every rank keeps its gradient)
+        first, last_pos = self._rank_ranges(wf[None]) if cache else ([None], [None])
+        first, last_pos = first[0], last_pos[0]
         device = self.device
         wf_d, wd_d = wf.to(device), wd.to(device)  # one transfer per call, sliced per layer below
         for k, layer in enumerate(self.layers):
@@ -127,14 +144,15 @@ class _Group:
             c, d = self.dense_slices[k]
             f = wf_d[a:b] if fast_on[k] else None
             g = wd_d[c:d] if dense_on[k] else None
+            ranks = (first[k], last_pos[k] + 1) if f is not None and first is not None else None
             if f is None and g is None:
                 layer.restore()
                 layer.set_off()
-            elif patch and not layer.lowrank_cheaper():
-                layer.patch(f, g)
+            elif patch and not layer.lowrank_cheaper(ranks):
+                layer.patch(f, g, ranks)
             else:
                 layer.restore()
-                layer.set_shared(f, g)
+                layer.set_shared(f, g, ranks)
         self.last = (wf.detach().clone(), wd.detach().clone(), patch) if cache else None
 
     def _multi(self, gf: torch.Tensor, gd: torch.Tensor, segments: list[tuple[int, int]]) -> None:
@@ -168,17 +186,9 @@ class _Group:
                 layer.set_per_sample(sf[:, a:b] if fast_on[k] else None, sd[:, c:d] if dense_on[k] else None)
             self.last_multi = None
             return
-        # each segment's non-zero rank range per layer (LoRAs are contiguous rank blocks of the factors)
-        n_seg, n_layers = len(segments), len(self.layers)
-        nz = gfs != 0
-        big = 1 << 30
-        target = self.fast_layer.expand(n_seg, -1)
-        pos = self.fast_pos.expand(n_seg, -1)
-        first = torch.full((n_seg, n_layers), big, dtype=torch.long).scatter_reduce_(
-            1, target, torch.where(nz, pos, big), "amin")
-        last_pos = torch.full((n_seg, n_layers), -1, dtype=torch.long).scatter_reduce_(
-            1, target, torch.where(nz, pos, -1), "amax")
-        first, last_pos = first.tolist(), last_pos.tolist()
+        # each segment's non-zero rank range per layer
+        n_seg = len(segments)
+        first, last_pos = self._rank_ranges(gfs)
         bounds = [0]
         for n in counts:
             bounds.append(bounds[-1] + n)

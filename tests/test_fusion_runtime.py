@@ -416,6 +416,11 @@ def test_plan_shared_equals_dense_reference(kind, grad):
         assert _close(layer(x), _dense_reference(layer, deltas, x, (w * torch.tensor([1, 1, 0, 1])).expand(4, -1)))
         layer.set_shared(None, None)
         assert layer.mode != LOWRANK and torch.equal(layer(x), layer.base(x))
+        # only LoRA 1 (ranks 2:5) non-zero: run just those ranks
+        w1 = torch.tensor([0.0, 0.9, 0.0, 0.0])
+        layer.set_shared(_per_rank(w1), None, ranks=(2, 5))
+        assert layer.up_w.shape[1] == 3
+        assert _close(layer(x), _dense_reference(layer, deltas, x, w1.expand(4, -1)))
 
 
 @pytest.mark.parametrize("kind", ["linear", "linear2d", "conv"])
@@ -480,6 +485,11 @@ def test_patch_equals_dense_reference_and_restores_bit_exact(kind):
             assert _close(layer(x), _dense_reference_with(w0, layer, deltas, x, w))
             layer.restore()
             assert torch.equal(layer.base.weight, w0)
+        w3 = torch.tensor([0.0, 0.0, 0.4, -0.9])  # LoRA 3 (ranks 5:9) and the dense one
+        layer.patch(_per_rank(w3), w3[2:3], ranks=(5, 9))
+        assert _close(layer(x), _dense_reference_with(w0, layer, deltas, x, w3))
+        layer.restore()
+        assert torch.equal(layer.base.weight, w0)
         layer.set_off()
         assert torch.equal(layer(x), base_out)
 
@@ -560,7 +570,7 @@ def test_uniform_weights_shared_or_patched_plain_and_dense(models, loras, runtim
     """Every sample alike, weights changing each step: layers re-fold or run the shared low-rank plan."""
     unet = models["unet"]
     inputs = ff.unet_inputs(batch=2)
-    monkeypatch.setattr(AdaptedLayer, "lowrank_cheaper", lambda self: lowrank)
+    monkeypatch.setattr(AdaptedLayer, "lowrank_cheaper", lambda self, *a: lowrank)
     steps = [{"a": 0.6, "b": 1.1, "dense": 0.8}, {"a": 0.3, "b": 1.1, "dense": 0.4},
              {"a": 0.3, "b": 0.0, "dense": 0.4}, {"a": -0.2, "b": 1.1, "dense": 0.0}, {"a": -0.2, "b": 1.1, "dense": 0.0}]
     expected = [ff.run_unet(ff.reference({"unet": unet}, [(loras[n], w) for n, w in weights.items()])["unet"], inputs)
@@ -570,9 +580,12 @@ def test_uniform_weights_shared_or_patched_plain_and_dense(models, loras, runtim
     for n in names:
         rt.load(n, loras[n])
     rt.activate(names, _PerStep(steps))
+    q = rt.layers["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"]  # a (4 ranks), then b (8)
     for step in range(len(steps)):
         rt.set_step(step, len(steps))
         assert _max(ff.run_unet(unet, inputs), expected[step]) < ATOL, step
+        if lowrank:  # only the non-zero LoRAs' ranks run: b is 0 at step 2
+            assert q.plan == SHARED and q.shared_k == ((0, 4) if step == 2 else (0, 12)), step
     modes = {layer.mode for layer in rt.layers.values() if layer.name.startswith("unet.")}
     assert (LOWRANK in modes and PATCHED not in modes and _unet_plans(rt) == {SHARED}) if lowrank else PATCHED in modes
     rt.unfuse()  # back to the original weights, bit for bit
