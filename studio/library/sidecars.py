@@ -99,13 +99,39 @@ def top_tags(metadata: Mapping[str, str], n: int = 5) -> list[str]:
     return [t for t, _ in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))[:n]]
 
 
+STOPWORDS = frozenset(
+    "a an the and or of on in at to with without for from by over under beside near its it this that one two "
+    "image picture photo drawing illustration art background backdrop plain".split())
+
+
+def activation_tags(metadata: Mapping[str, str], share: float = 0.9) -> list[str]:
+    """Training tags present in (nearly) every caption: kohya's convention for the activation tag. Tags at
+    >= `share` of the most frequent tag's count, stopwords and generic picture words removed; a tag that only
+    a part of the captions carry ("white", "backdrop") describes the data, not the trigger."""
+    try:
+        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
+    except (json.JSONDecodeError, RecursionError):
+        return []
+    out = []
+    for tags in freq.values() if isinstance(freq, dict) else []:
+        if not isinstance(tags, dict):
+            continue
+        counts = {t.strip(): c for t, c in tags.items() if isinstance(c, int) and c > 0 and t.strip()}
+        if counts:
+            top = max(counts.values())
+            out += [t for t, c in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))
+                    if c >= share * top and t.lower() not in STOPWORDS]
+    return out
+
+
 def trigger_words(metadata: Mapping[str, str], sidecars: Sidecars | None = None) -> list[str]:
-    """modelspec.trigger_phrase, Civitai trainedWords, A1111 activation text, then top training tags."""
+    """modelspec.trigger_phrase, Civitai trainedWords, A1111 activation text, then the training tags that
+    (nearly) every caption carries; never filler words."""
     sidecars = sidecars or Sidecars()
     words = _split(metadata.get("modelspec.trigger_phrase", ""))
     words += _split(sidecars.civitai.get("trainedWords", []))
     words += _split(sidecars.a1111.get("activation text", ""))
-    return _unique(words + top_tags(metadata))
+    return _unique(words + activation_tags(metadata))
 
 
 def _strip_html(text: str) -> str:

@@ -5,7 +5,7 @@
 Resumable: a file that exists is skipped. LoRAs of one rank train together in gangs (see `train_lora`; a
 LoRA trained in a gang equals the same LoRA trained alone). Headline LoRAs go to
 `assets/loras/<concept>.safetensors` (kohya, full metadata, `.civitai.info` sidecar). Community variants go
-to `assets/loras/community/` with ranks 4-32, other seeds, step counts and alphas, some in diffusers format
+to `assets/loras/community/` with ranks 4-32 (skewed small), two per concept, other seeds, step counts and alphas, some in diffusers format
 and some with no metadata at all, and style LoRAs trained on narrow, different content (one shape and colour
 each) for the style-clustering benchmark. The ground truth (concept, category, style family per file) is written to
 `assets/loras_labels.json`, which the product never reads at run time.
@@ -30,6 +30,7 @@ LABELS = ROOT / "assets" / "loras_labels.json"
 
 HEADLINE_STEPS = 300
 COMMUNITY_STEPS = (100, 150, 250)
+COMMUNITY_VARIANTS = 2   # 26 headline + 52 community + 24 style-on-content = 102 files
 GANG = 10
 STYLE_CONTENTS = [{"subject": "circle", "color": "red"}, {"subject": "square", "color": "blue"},
                   {"subject": "triangle", "color": "green"}, {"subject": "star", "color": "yellow"}]
@@ -42,13 +43,14 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
     gangs = [(HEADLINE_STEPS, headline[i::3]) for i in range(3)]
     rng = random.Random(7)
     by_rank: dict[int, list[LoRAJob]] = defaultdict(list)
-    for c in CONCEPTS:
-        for v in range(3):
-            rank = rng.choice([4, 8, 16, 32])
+    for ci, c in enumerate(CONCEPTS):
+        for v in range(COMMUNITY_VARIANTS):   # ranks skewed small, as on Civitai (and to keep assets/ small)
+            rank = rng.choices([4, 8, 16, 32], weights=[4, 3, 2, 1])[0]
             by_rank[rank].append(LoRAJob(
                 c.name, str(LORAS / "community" / f"{c.name}_v{v}_r{rank}.safetensors"), rank=rank,
                 alpha=float(rng.choice([rank, rank / 2, 1])), seed=100 + v,
-                format="diffusers" if v == 1 else "kohya", bare=v == 2, n_images=800, extra={"kind": "community"}))
+                format="diffusers" if v == 1 else "kohya", bare=(ci + v) % 3 == 0, n_images=800,
+                extra={"kind": "community"}))
     i = 0
     for rank in sorted(by_rank):
         jobs = by_rank[rank]
@@ -57,10 +59,10 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
             i += 1
     # style LoRAs trained on narrow, different content: the style-clustering benchmark's hard case
     styles = [c for c in CONCEPTS if c.category == "style"]
-    for rank, steps in ((8, 200), (16, 150)):
+    for rank, steps in ((4, 200), (8, 150)):
         gang = []
         for c in styles:
-            for v, content in enumerate(STYLE_CONTENTS[:2] if rank == 8 else STYLE_CONTENTS[2:]):
+            for v, content in enumerate(STYLE_CONTENTS[:2] if rank == 4 else STYLE_CONTENTS[2:]):
                 tag = f"{content['subject']}_{content['color']}"
                 gang.append(LoRAJob(c.name, str(LORAS / "community" / f"{c.name}_on_{tag}_r{rank}.safetensors"),
                                     rank=rank, alpha=float(rank), seed=200 + v + rank, n_images=800,
