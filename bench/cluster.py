@@ -59,6 +59,32 @@ def unit_pca(E: np.ndarray, dim: int = 32) -> np.ndarray:
     return E / np.linalg.norm(E, axis=1, keepdims=True).clip(1e-12)
 
 
+def style_vs_content(loras, concept, content, top: int = 12) -> list[dict]:
+    """Per module, among style LoRAs trained on one narrow content each: mean cosine of the output-side Gram
+    ΔW·ΔWᵀ between two LoRAs of the same style (different content) minus that of two LoRAs of different styles
+    on the same content. Positive: the module carries style more than content. The best `top` modules."""
+    idx = [i for i, c in enumerate(content) if c]
+    names = sorted(set.intersection(*[set(loras[i].modules) for i in idx]))
+    rows = []
+    for name in names:
+        G = []
+        for i in idx:
+            d = loras[i].modules[name].lowrank_delta().float()
+            d = d.reshape(d.shape[0], -1)
+            g = d @ d.T
+            G.append((g / g.norm().clamp_min(1e-12)).flatten().numpy())
+        G = np.stack(G)
+        S = G @ G.T
+        pairs = [(a, b) for a in range(len(idx)) for b in range(len(idx)) if a != b]
+        same_style = [S[a, b] for a, b in pairs if concept[idx[a]] == concept[idx[b]]]
+        same_content = [S[a, b] for a, b in pairs if concept[idx[a]] != concept[idx[b]]
+                        and content[idx[a]] == content[idx[b]]]
+        rows.append({"module": name, "margin": round(float(np.mean(same_style) - np.mean(same_content)), 4),
+                     "same_style": round(float(np.mean(same_style)), 4),
+                     "same_content": round(float(np.mean(same_content)), 4)})
+    return sorted(rows, key=lambda r: -r["margin"])[:top]
+
+
 def lora_images(paths, concepts, n_images: int, steps: int, library: Path):
     """Per LoRA, `n_images` samples with the LoRA alone: the same base compositions and seeds for all."""
     from tqdm import tqdm
@@ -126,6 +152,9 @@ def main(argv=None):
         layer_table["parts:" + "+".join(feat)] = row
         print(f"{'parts:' + '+'.join(feat):28s} styles ARI {row['styles']:.3f}  library ARI {row['library']:.3f}")
     result["layers"] = layer_table
+    content = [json.dumps(labels[r].get("content"), sort_keys=True) if labels[r].get("content") else None for r in rels]
+    result["style_vs_content"] = style_vs_content(loras, concept, content)
+    print("style vs content, best modules:", [(r["module"], r["margin"]) for r in result["style_vs_content"][:5]])
 
     # weights, the product's path
     feats = {}

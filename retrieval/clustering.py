@@ -50,12 +50,17 @@ def layer_group(name: str) -> str:
     return "mid" if ".mid_block." in name else "other"
 
 
-# Measured on TinyWorld (bench/cluster.py --layers, see bench/results/cluster.json "layers"): the
-# self-attention output projections and the up blocks carry the style; cross-attention keys/values mostly
-# carry the trigger word's binding and add seed noise.
+# Measured on TinyWorld's 42 style LoRAs (bench/cluster.py, "layers" in bench/results/cluster.json, and the
+# per-module study written there as "style_vs_content"): the output side of the output projections (attn1/attn2
+# to_out.0, attn2.to_v) in the highest-resolution attention blocks (down_blocks.0, up_blocks.2-3) separates style
+# from the content a LoRA was trained on best; input sides record the training seed, cross-attention keys and
+# the low-resolution blocks record content and the trigger binding.
+STYLE_PROJECTIONS = ("attn1.to_out.0", "attn2.to_out.0", "attn2.to_v")
+STYLE_BLOCKS = ("down0", "up2", "up3")
+
+
 def STYLE_LAYERS(name: str) -> bool:  # noqa: N802 - a constant-like predicate
-    return _attention_part(name) in ("attn1.to_out.0", "attn1.to_v", "attn2.to_out.0") or (
-        layer_group(name).startswith("up") and _attention_part(name) is not None)
+    return _attention_part(name) in STYLE_PROJECTIONS and layer_group(name) in STYLE_BLOCKS
 
 
 # ------------------------------------------------------------------------------------------------- features
@@ -75,11 +80,13 @@ def module_blocks(loras: Sequence[LoRA], cfg: DescriptorConfig = FEATURE_CONFIG)
 
 
 def features_from_blocks(blocks: Sequence[dict[str, np.ndarray]], layers: Callable[[str], bool] | None = STYLE_LAYERS,
-                         parts: Sequence[str] = ("out_gram", "spectrum"), cfg: DescriptorConfig = FEATURE_CONFIG,
+                         parts: Sequence[str] = ("out_gram",), cfg: DescriptorConfig = FEATURE_CONFIG,
                          dim: int = 32) -> np.ndarray:
     """(n, ≤dim) unit vectors: the chosen parts of the chosen modules' blocks, laid out over the union of
     module names, PCA-reduced (on the library itself) and L2-normalised."""
     names = sorted({m for b in blocks for m in b if layers is None or layers(m)})
+    if not names and layers is STYLE_LAYERS:   # LoRAs that skip those blocks (SDXL's layout, partial LoRAs):
+        names = sorted({m for b in blocks for m in b if _attention_part(m) is not None})   # any attention
     if not names:
         raise ValueError("no LoRA module matches the style layers; is this a LoRA of an attention model?")
     rows = []
