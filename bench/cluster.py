@@ -85,7 +85,7 @@ def style_vs_content(loras, concept, content, top: int = 12) -> list[dict]:
     return sorted(rows, key=lambda r: -r["margin"])[:top]
 
 
-def lora_images(paths, concepts, n_images: int, steps: int, library: Path):
+def lora_images(paths, concepts, n_images: int, steps: int):
     """Per LoRA, `n_images` samples with the LoRA alone: the same base compositions and seeds for all."""
     from tqdm import tqdm
 
@@ -93,20 +93,27 @@ def lora_images(paths, concepts, n_images: int, steps: int, library: Path):
     from studio.tinyworld.catalog import caption, sample_base
     from studio.tinyworld.train_lora import with_concept
 
-    studio = Studio(library=library)
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="cluster_bench_lib_"))   # one library holding every labelled LoRA
+    links = []
+    for path in paths:
+        link = folder / f"{path.parent.name}__{path.name}"
+        link.symlink_to(path.resolve())
+        links.append(link)
+    studio = Studio(library=folder)
     bases = [sample_base(random.Random(900 + i)) for i in range(n_images)]
     out = []
-    for path, concept in tqdm(list(zip(paths, concepts)), desc="images per LoRA"):
+    for path, concept in tqdm(list(zip(links, concepts)), desc="images per LoRA"):
         prompts = [caption(with_concept(type(b)(**b.to_dict()), concept), random.Random(i)) for i, b in enumerate(bases)]
         seeds = [4000 + i for i in range(n_images)]
-        out.append([r.image for r in studio.generate_many(prompts, seeds, steps=steps, loras=[(str(path), 1.0)],
+        out.append([r.image for r in studio.generate_many(prompts, seeds, steps=steps, loras=[(path.stem, 1.0)],
                                                            progress=False)])
     return out
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--library", default=str(ROOT / "assets" / "loras"))
     ap.add_argument("--labels", default=str(ROOT / "assets" / "loras_labels.json"))
     ap.add_argument("--images", type=int, default=4, help="samples per LoRA for the image baseline")
     ap.add_argument("--steps", type=int, default=20)
@@ -169,7 +176,7 @@ def main(argv=None):
     # image baseline
     images = None
     if not args.no_images:
-        images = lora_images(paths, concept, args.images, args.steps, Path(args.library))
+        images = lora_images(paths, concept, args.images, args.steps)
         from studio.tinyworld.judge import JudgeModel
 
         judge = JudgeModel()

@@ -2,7 +2,7 @@
 
     python bench/retrieval.py                      # everything; writes bench/results/retrieval.json
     python bench/retrieval.py --tiny               # smoke run at toy sizes (writes /tmp/retrieval_tiny.json)
-    python bench/retrieval.py --skip-scale --skip-files --library assets/loras
+    python bench/retrieval.py --skip-scale --skip-files --library assets/loras assets/community
 
 1. Quality. Every TinyWorld concept is described by prompts that share no word with its LoRAs' metadata
    (checked: trigger words, kohya tag lists, description, tags, name). The LoRAs are split per concept: the
@@ -10,12 +10,12 @@
    part, ranking only those unseen LoRAs. Fused and metadata-only retrieval rank the whole library. R@1, R@3
    and MRR (a hit is any LoRA of the described concept). Auto-pick is scored too: the top pick's concept on
    those prompts, and prompts about nothing in the library, which must pick nothing.
-2. Scale. N synthetic clustered vectors (d=128) in `VectorIndex` (IVF-SQ8 above its threshold, nprobe tuned):
+2. Scale. N synthetic clustered vectors (d=128) in `VectorIndex` (IVF with fp16 codes above its threshold, nprobe tuned):
    single-query latency on one thread, recall@10 against exact search.
 3. Files. N synthetic TinyWorld LoRA files (all 128 attention modules, rank 4, fp16, metadata + sidecar):
    the catalog scan, then `LibraryIndex.rebuild` (file headers plus low-rank features in every channel).
 
-The library is `--library` (default assets/loras) when it holds LoRA files, else a synthetic one (said so
+The library is `--library` (default assets/loras and assets/community) when they hold LoRA files, else a synthetic one (said so
 in the result). The text embedder is the best available (`--text`): a packaged sentence model, else the
 TinyWorld CLIP text encoder, else hashing.
 """
@@ -48,7 +48,7 @@ from studio.library.catalog import Catalog  # noqa: E402
 from studio.tinyworld.catalog import CONCEPTS  # noqa: E402
 
 TINYWORLD = ROOT / "assets" / "tinyworld"
-LIBRARY = ROOT / "assets" / "loras"
+LIBRARY = [ROOT / "assets" / "loras", ROOT / "assets" / "community"]   # curated set + the community pile
 LABELS = ROOT / "assets" / "loras_labels.json"
 
 # Two prompts per concept, in words none of its LoRAs' metadata uses (verified at run time).
@@ -167,8 +167,8 @@ def rank_metrics(ranked: list[list[int]], relevant: list[set[int]]) -> dict:
 
 
 def quality(args, work: Path) -> tuple[dict, object, object]:
-    library = Path(args.library)
-    files = [p for p in library.rglob("*.safetensors")] if library.is_dir() else []
+    libraries = [Path(p) for p in args.library]
+    files = [f for lib in libraries if lib.is_dir() for f in lib.rglob("*.safetensors")]
     if files and not args.synthetic:
         kind = "tinyworld-trained"
     else:
@@ -176,6 +176,7 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
 
         kind = "synthetic"
         library = work / "synthetic_library"
+        libraries = [library]
         ranks = (4,) if args.tiny else (4, 8, 16)
         concepts = [c.name for c in CONCEPTS][: 8 if args.tiny else None]
         bare = [c for i, c in enumerate(concepts) if i % 5 == 4]
@@ -190,8 +191,8 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
     labels = load_labels(args.labels)
     cat = Catalog(work / "quality" / "catalog.sqlite")
     t0 = time.monotonic()
-    scan = cat.scan(library)
-    log(f"scanned {library}: {len(cat.all())} LoRAs ({time.monotonic() - t0:.1f}s)")
+    scans = [cat.scan(lib) for lib in libraries]
+    log(f"scanned {', '.join(map(str, libraries))}: {len(cat.all())} LoRAs ({time.monotonic() - t0:.1f}s)")
     entries = [e for e in cat.all() if e.status == "ok" and e.family == "tinyworld"]
     concepts = {e.id: c for e in entries if (c := concept_of(e, labels))}
     if len(concepts) < len(entries):
@@ -238,12 +239,13 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
     empty = sum(not autopick(p, index, k=3, family="tinyworld") for p in NOTHING_FITS)
     out["autopick"] = {"top_pick_correct": round(top_ok / len(queries), 4),
                        "nothing_fits_empty": round(empty / len(NOTHING_FITS), 4), "threshold": 0.3}
-    out["library"] = {"kind": kind, "path": str(library), "loras": len(entries), "with_concept": len(concepts),
+    out["library"] = {"kind": kind, "paths": [str(lib.relative_to(ROOT)) if lib.is_relative_to(ROOT) else str(lib)
+                                              for lib in libraries], "loras": len(entries), "with_concept": len(concepts),
                       "bare": sum(not Metadata.of(e).has_text for e in entries),
                       "concepts": len(set(concepts.values())),
                       "encoder_train_loras": len(pairs), "unseen_loras": len(unseen_ids),
                       "text_embedder": text.name, "encoder_steps": args.encoder_steps,
-                      "encoder_train_s": round(train_s, 1), "scan": str(scan).splitlines()[0]}
+                      "encoder_train_s": round(train_s, 1), "scan": [str(sc).splitlines()[0] for sc in scans]}
     return out, text, encoder
 
 
@@ -340,7 +342,8 @@ def files_bench(args, work: Path, text, encoder) -> dict:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--library", default=str(LIBRARY))
+    ap.add_argument("--library", nargs="+", default=[str(p) for p in LIBRARY],
+                    help="LoRA folders, scanned into one catalog (default: TinyWorld's headline and community sets)")
     ap.add_argument("--synthetic", action="store_true", help="use a synthetic library even if --library has files")
     ap.add_argument("--labels", default=None, help="ground truth (default assets/loras_labels.json if present)")
     ap.add_argument("--text", default="auto", choices=["auto", "sentence", "clip", "hashing"])

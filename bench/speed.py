@@ -35,7 +35,8 @@ Ratios per row, to the same block's rows: ``ratio_to_base``, ``ratio_to_diffuser
 and ``diffusers_fused`` compute what diffusers' unfused adapters compute (max abs difference / max abs output).
 
     python bench/speed.py                       # CPU defaults (1 thread, small latents); bench/results/speed.{json,md}
-    python bench/speed.py --device cuda         # GPU defaults: fp16, SD1.5 latents 64, SDXL 128
+    python bench/speed.py --device cuda         # GPU defaults: fp16, SD1.5 latents 64, SDXL 128 (CPU rows kept)
+    python bench/speed.py --render              # rewrite speed.json/.md from the rows already measured
     python bench/speed.py --unets sd15 --latent-sd15 8 --ranks 16 --n-loras 1 --targets attn --rounds 1 \
         --out /tmp/speed_smoke.json             # a smoke run
 """
@@ -355,6 +356,43 @@ def bench_unet(kind: str, args, device, dtype, rows: list, log, save) -> None:
     gc.collect()
 
 
+def runs_path(out: Path) -> Path:
+    return out.with_name(out.stem + "_runs.json")
+
+
+def load_results(out: Path) -> tuple[list[dict], dict]:
+    """(rows, runs) already in `out` (a list of rows; runs: {device: {machine, settings}} beside it). A file in
+    the earlier layout ({"device", "machine", "settings", "rows"}) is read too."""
+    if not out.is_file():
+        return [], {}
+    data = json.loads(out.read_text())
+    if isinstance(data, dict):
+        devices = {r["device"] for r in data["rows"]} or {data["device"].split()[0]}
+        return data["rows"], {d: {"machine": data["machine"], "settings": data["settings"]} for d in devices}
+    runs = json.loads(runs_path(out).read_text()) if runs_path(out).is_file() else {}
+    return data, runs
+
+
+def write_results(out: Path, device: str, rows: list[dict], info: dict | None, settings: dict | None) -> None:
+    """`out`: every row of every device (a list; this device's rows replace its earlier ones, other devices'
+    rows are kept: the CPU and the GPU runs live side by side); `<out>_runs.json`: machine and settings per
+    device; `<out>.md`: the tables, a section per device."""
+    old_rows, runs = load_results(out)
+    all_rows = [r for r in old_rows if r["device"] != device] + list(rows)
+    if info is not None:
+        runs[device] = {"machine": info, "settings": settings}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(all_rows, indent=1))
+    runs_path(out).write_text(json.dumps(runs, indent=1))
+    parts = []
+    for dev in dict.fromkeys(r["device"] for r in all_rows):
+        run = runs.get(dev, {"machine": "?", "settings": {}})
+        name = run["machine"].get("gpu", run["machine"].get("cpu")) if isinstance(run["machine"], dict) else "?"
+        parts.append(markdown(dict(device=f"{dev} ({name})", machine=run["machine"], settings=run["settings"],
+                                   rows=[r for r in all_rows if r["device"] == dev])))
+    out.with_suffix(".md").write_text("\n\n".join(parts))
+
+
 def _ratio(v) -> str:
     return "" if v is None else f"{v:.2f}"
 
@@ -429,7 +467,17 @@ def main(argv=None):
     ap.add_argument("--allocator", choices=("auto", "glibc"), default="auto",
                     help="auto: on CPU, re-run under jemalloc (retained memory) when one is found; glibc: as is")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
+    ap.add_argument("--render", action="store_true",
+                    help="measure nothing: rewrite --out (any earlier layout) and its markdown from the rows in it")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        out = Path(args.out)
+        rows, runs = load_results(out)
+        for dev in dict.fromkeys(r["device"] for r in rows):
+            write_results(out, dev, [r for r in rows if r["device"] == dev], **dict(
+                zip(("info", "settings"), (runs.get(dev, {}).get("machine"), runs.get(dev, {}).get("settings")))))
+        print(f"rewrote {out}, {runs_path(out)} and {out.with_suffix('.md')} ({len(rows)} rows)")
+        return
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     gpu = device.type == "cuda"
@@ -472,11 +520,7 @@ def main(argv=None):
             lora_init="randn, alpha=rank (scale 1)", lora_weights="0.8 - 0.1 i for LoRA i",
             wall_seconds=round(time.time() - t0), cpu_seconds=round(time.process_time() - c0), complete=complete)
         info = machine()
-        report = dict(device=f"{device.type} ({info.get('gpu', info['cpu'])})", machine=info, settings=settings,
-                      rows=rows)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
-        out.with_suffix(".md").write_text(markdown(report))
+        write_results(out, device.type, rows, info, settings)
 
     for kind in args.unets.split(","):
         bench_unet(kind, args, device, dtype, rows, log, save)

@@ -3,7 +3,7 @@
 - `descriptor`: training-free weight descriptor (exact low-rank SVD per module, shared random sketches, PCA).
 - `encoder`: learned AutoLoRA-style encoder, trained contrastively against a frozen text embedder.
 - `text`: text embedders (base CLIP, local sentence model, hashing) and the BM25 lexical channel.
-- `index`: `VectorIndex`, per-family FAISS (flat exact, IVF-SQ8 above a threshold).
+- `index`: `VectorIndex`, per-family FAISS (flat exact, IVF (fp16 codes) above a threshold).
 - `library`: `LibraryIndex`, the catalog's LoRAs in every channel, persisted and refreshed incrementally.
 - `autopick`: prompt -> capped, explained picks; `insert_triggers`.
 - `studio`: what `Studio.retrieve` and ``generate(loras="auto")`` call.

@@ -1,4 +1,4 @@
-"""VectorIndex: add/remove/replace, family as a hard filter, persistence, IVF-SQ8 recall against exact search."""
+"""VectorIndex: add/remove/replace, family as a hard filter, persistence, IVF recall (fp16 and 8-bit codes) against exact search."""
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -82,10 +82,11 @@ def _clustered(n, d, seed, centres=64, spread=0.35):
     return normalise(x)
 
 
-def test_ivf_above_threshold_keeps_recall():
+@pytest.mark.parametrize("codec", ["fp16", "sq8"])
+def test_ivf_above_threshold_keeps_recall(codec):
     d, n = 32, 6000
     x = _clustered(n, d, 0)
-    vi = VectorIndex(d, ivf_threshold=2000, target_recall=0.97)
+    vi = VectorIndex(d, ivf_threshold=2000, target_recall=0.97, codec=codec)
     vi.add(np.arange(n), x, "tinyworld")
     stats = vi.stats()["tinyworld"]
     assert stats.kind == "ivf" and stats.nlist >= 16 and 1 <= stats.nprobe <= stats.nlist
@@ -100,7 +101,7 @@ def test_ivf_above_threshold_keeps_recall():
     _, got = vi.search(q, 10, "tinyworld")
     assert not set(gt[:, 0].tolist()) & set(got.ravel().tolist())
     again = VectorIndex.from_bytes(vi.to_bytes())
-    assert again.stats()["tinyworld"].nprobe == vi.stats()["tinyworld"].nprobe
+    assert again.stats()["tinyworld"].nprobe == vi.stats()["tinyworld"].nprobe and again.codec == codec
     assert again.reconstruct(int(got[0, 0])) is not None
 
 

@@ -4,8 +4,9 @@
 
 Resumable: a file that exists is skipped. LoRAs of one rank train together in gangs (see `train_lora`; a
 LoRA trained in a gang equals the same LoRA trained alone). Headline LoRAs go to
-`assets/loras/<concept>.safetensors` (kohya, full metadata, `.civitai.info` sidecar). Community variants go
-to `assets/loras/community/` with ranks 4-32 (skewed small), two per concept, other seeds, step counts and alphas, some in diffusers format
+`assets/loras/<concept>.safetensors` (kohya, full metadata, `.civitai.info` sidecar): TinyWorld's default
+library, the curated set a user would keep. Community variants go to `assets/community/` (the benchmark's
+"downloaded from Civitai" pile for retrieval and clustering, not the default library) with ranks 4-32 (skewed small), two per concept, other seeds, step counts and alphas, some in diffusers format
 and some with no metadata at all, and style LoRAs trained on narrow, different content (one shape and colour
 each) for the style-clustering benchmark. The ground truth (concept, category, style family per file) is written to
 `assets/loras_labels.json`, which the product never reads at run time.
@@ -25,6 +26,7 @@ from .train_lora import LoRAJob, train_loras
 
 ROOT = Path(__file__).resolve().parents[2]
 LORAS = ROOT / "assets" / "loras"
+COMMUNITY = ROOT / "assets" / "community"
 LABELS = ROOT / "assets" / "loras_labels.json"
 
 
@@ -47,7 +49,7 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
         for v in range(COMMUNITY_VARIANTS):   # ranks skewed small, as on Civitai (and to keep assets/ small)
             rank = rng.choices([4, 8, 16, 32], weights=[4, 3, 2, 1])[0]
             by_rank[rank].append(LoRAJob(
-                c.name, str(LORAS / "community" / f"{c.name}_v{v}_r{rank}.safetensors"), rank=rank,
+                c.name, str(COMMUNITY / f"{c.name}_v{v}_r{rank}.safetensors"), rank=rank,
                 alpha=float(rng.choice([rank, rank / 2, 1])), seed=100 + v,
                 format="diffusers" if v == 1 else "kohya", bare=(ci + v) % 3 == 0, n_images=800,
                 extra={"kind": "community"}))
@@ -64,7 +66,7 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
         for c in styles:
             for v, content in enumerate(STYLE_CONTENTS[:2] if rank == 4 else STYLE_CONTENTS[2:]):
                 tag = f"{content['subject']}_{content['color']}"
-                gang.append(LoRAJob(c.name, str(LORAS / "community" / f"{c.name}_on_{tag}_r{rank}.safetensors"),
+                gang.append(LoRAJob(c.name, str(COMMUNITY / f"{c.name}_on_{tag}_r{rank}.safetensors"),
                                     rank=rank, alpha=float(rank), seed=200 + v + rank, n_images=800,
                                     content=content, bare=v == 1, extra={"kind": "style_content"}))
         gangs.append((steps, gang))
