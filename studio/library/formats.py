@@ -11,6 +11,7 @@ Formats, by key naming:
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -194,6 +195,7 @@ def _component_path(path: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1 << 16)   # pure: the same tensor names recur in every file of a library
 def _parse_key(key: str, fmt: str) -> tuple[str, str | None, str] | None:
     """(module path, kind hint, factor) of a tensor name, or None when it is not an adapter tensor we know."""
     if fmt == "kohya":
@@ -454,6 +456,12 @@ def _build_module(path: Path, name: str, group: KeyGroup, tensors: Mapping[str, 
 
 
 def _check_finite(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    floats = [t.reshape(-1) for t in tensors.values() if t.is_floating_point()]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in floats:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    if all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_dtype.values()):   # one check per dtype
+        return
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t.float()).all()]
     if bad:
         shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")

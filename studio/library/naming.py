@@ -7,6 +7,7 @@ diffusers one; for SDXL kohya trains the SGM/LDM UNet, so its names use ``input_
 """
 from __future__ import annotations
 
+import functools
 import re
 
 KOHYA_PREFIXES = (
@@ -55,6 +56,7 @@ def _underscores_to_path(name: str) -> str:
     return ".".join(out)
 
 
+@functools.lru_cache(maxsize=1 << 16)   # a library repeats the same few hundred module names in every file
 def kohya_to_path(name: str) -> str | None:
     """``lora_unet_down_blocks_0_attentions_0_proj_in`` -> ``unet.down_blocks.0.attentions.0.proj_in``, or None."""
     for prefix, component in KOHYA_PREFIXES:
