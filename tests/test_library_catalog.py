@@ -207,3 +207,26 @@ def test_scan_survives_sigkill(tmp_path):
         assert len(catalog.all()) == 192 and len(catalog.quarantined()) == 8
         assert sum(e.status == "duplicate" for e in catalog.all()) == 5
     check_consistent(db_path)
+
+
+def test_a_big_scan_reads_files_in_worker_processes_with_the_same_result(tmp_path):
+    """Above POOL_MIN_FILES new files a scan reads them in a process pool; the catalog equals a one-process scan."""
+    from retrieval.synthetic import SMALL_TARGETS, write_synthetic_library
+    from studio.library.catalog import POOL_MIN_FILES
+
+    from studio.tinyworld.catalog import CONCEPTS
+
+    lib = tmp_path / "lib"
+    write_synthetic_library(lib, [c.name for c in CONCEPTS], ranks=(4,), seeds=(0, 1, 2), shapes=SMALL_TARGETS)
+    (lib / "broken.safetensors").write_bytes(b"\x00" * 64)
+    n = len(list(lib.rglob("*.safetensors")))
+    assert n > POOL_MIN_FILES
+    rows = {}
+    for workers in (1, 2):
+        with Catalog(tmp_path / f"c{workers}.sqlite") as catalog:
+            report = catalog.scan(lib, workers=workers)
+            assert len(report.added) == n and len(report.quarantined) == 1
+            rows[workers] = {(e.path.name, e.status, e.tensor_hash, tuple(e.trigger_words), e.reason)
+                             for e in catalog.all() + catalog.quarantined()}
+            assert catalog.scan(lib, workers=workers).unchanged == n   # a rescan reads nothing
+    assert rows[1] == rows[2]

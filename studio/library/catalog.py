@@ -160,6 +160,72 @@ def _stamp(files: list[Path]) -> str:
     return json.dumps(stamps)
 
 
+def describe_file(path: Path, side: sc.Sidecars, sha: str, tensor_hash: str | None) -> dict:
+    """Column values for one file: parsed and checked LoRA facts, or the reason it is quarantined."""
+    record = {
+        "alias": None, "tensor_hash": None, "format": None, "kinds": [], "dora": None, "family": None,
+        "ranks": [], "alphas": [], "n_modules": None, "components": {}, "trigger_words": [], "description": "",
+        "tags": [], "preview": str(side.preview) if side.preview else None, "sidecar": side.as_dict(),
+        "metadata": {}, "warnings": list(side.warnings), "reason": None, "fix": None,
+    }
+    try:
+        lora = read_lora(path)
+    except LoRAFileError as e:
+        record.update(reason=e.reason, fix=e.fix)
+    except OSError as e:
+        record.update(reason=f"cannot read the file ({e.strerror or e})", fix="check the file and its permissions")
+    except Exception as e:  # a scan never stops on one file
+        record.update(reason=f"unexpected {type(e).__name__}: {e}", fix="report this file as a LoRA Studio bug")
+    else:
+        family = lora.family
+        hint = sc.family_hint(side)
+        if family == "unknown" and hint:
+            family = hint
+        elif hint and hint != family:
+            record["warnings"].append(f"sidecar files say {hint} but the tensors say {family}")
+        record.update(
+            alias=sc.alias(lora.metadata, side), tensor_hash=tensor_hash or sha, format=lora.source_format,
+            kinds=lora.kinds(), dora=lora.has_dora, family=family, ranks=lora.ranks(), alphas=lora.alphas(),
+            n_modules=len(lora.modules), components=lora.components(),
+            trigger_words=sc.trigger_words(lora.metadata, side), description=sc.description(lora.metadata, side),
+            tags=sc.tags(lora.metadata, side), metadata=lora.metadata,
+        )
+    for column in _JSON_COLUMNS:
+        record[column] = json.dumps(record[column])
+    return record
+
+
+POOL_MIN_FILES = 64   # below this many new or changed files a scan reads them in-process
+
+
+def analyse_file(path: str | Path) -> tuple | None:
+    """The per-file work of a scan, free of the database: (size, mtime_ns, sidecar stamp, sha256, tensor hash,
+    column values), or None if the file vanished. Runs in worker processes on big scans."""
+    path = Path(path)
+    try:
+        st = path.stat()
+        side = sc.find_sidecars(path)
+        stamp = _stamp(side.files)
+        sha, tensor_hash = file_hashes(path)
+        return st.st_size, st.st_mtime_ns, stamp, sha, tensor_hash, describe_file(path, side, sha, tensor_hash)
+    except FileNotFoundError:
+        return None
+
+
+def _analysed(paths: list[Path], workers: int):
+    """analyse_file over `paths`, in order: a process pool of `workers` when there are enough files (each
+    file's database write stays in the scanning process, one transaction each, so a kill still leaves a
+    consistent catalog)."""
+    if workers <= 1 or len(paths) < POOL_MIN_FILES:
+        yield from map(analyse_file, paths)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(analyse_file, paths, chunksize=8)
+
+
 class Catalog:
     """SQLite catalog of LoRA files (WAL journal, one transaction per file)."""
 
@@ -203,8 +269,9 @@ class Catalog:
 
     # -- scanning ------------------------------------------------------------------------------------------
 
-    def scan(self, directory: str | Path) -> ScanReport:
-        """Index every LoRA file under `directory`; forget catalogued files there that are gone."""
+    def scan(self, directory: str | Path, workers: int | None = None) -> ScanReport:
+        """Index every LoRA file under `directory`; forget catalogued files there that are gone. New and changed
+        files are read by `workers` processes (default: one per CPU core) when there are many of them."""
         started = time.monotonic()
         root = Path(directory).resolve()
         if not root.is_dir():
@@ -222,33 +289,41 @@ class Catalog:
                     self._db.execute("DELETE FROM loras WHERE id = ?", (row["id"],))
                     self._repair_duplicates(row["tensor_hash"])
                 report.removed.append(path)
+        changed = []
         for path in files:
             try:
-                self._scan_file(path, known.get(str(path)), report)
+                if self._unchanged(path, known.get(str(path))):
+                    report.unchanged += 1
+                else:
+                    changed.append(path)
             except FileNotFoundError:
                 continue  # deleted while scanning; the next scan forgets it
+        workers = workers if workers is not None else (os.cpu_count() or 1)
+        for path, analysis in zip(changed, _analysed(changed, workers)):
+            if analysis is not None:
+                self._scan_file(path, known.get(str(path)), report, analysis)
         report.seconds = time.monotonic() - started
         return report
 
-    def _scan_file(self, path: Path, row: sqlite3.Row | None, report: ScanReport) -> None:
+    @staticmethod
+    def _unchanged(path: Path, row: sqlite3.Row | None) -> bool:
+        if row is None:
+            return False
         st = path.stat()
-        side = sc.find_sidecars(path)
-        stamp = _stamp(side.files)
-        if row and (row["size"], row["mtime_ns"], row["sidecar_stamp"]) == (st.st_size, st.st_mtime_ns, stamp):
-            report.unchanged += 1
-            return
-        sha, tensor_hash = file_hashes(path)
+        stamp = _stamp(sc.find_sidecars(path).files)
+        return (row["size"], row["mtime_ns"], row["sidecar_stamp"]) == (st.st_size, st.st_mtime_ns, stamp)
+
+    def _scan_file(self, path: Path, row: sqlite3.Row | None, report: ScanReport, analysis: tuple) -> None:
+        size, mtime_ns, stamp, sha, tensor_hash, record = analysis
         if row and row["file_sha256"] == sha and row["sidecar_stamp"] == stamp:
             with self._transaction():
-                self._db.execute(
-                    "UPDATE loras SET size = ?, mtime_ns = ? WHERE id = ?", (st.st_size, st.st_mtime_ns, row["id"])
-                )
+                self._db.execute("UPDATE loras SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row["id"]))
             report.unchanged += 1
             return
-        record = self._describe(path, side, sha, tensor_hash)
+        record = dict(record)
         record.update(
             path=str(path), name=path.stem, status="quarantined" if record["reason"] else "ok", duplicate_of=None,
-            size=st.st_size, mtime_ns=st.st_mtime_ns, sidecar_stamp=stamp, file_sha256=sha, indexed_at=time.time(),
+            size=size, mtime_ns=mtime_ns, sidecar_stamp=stamp, file_sha256=sha, indexed_at=time.time(),
         )
         columns = ", ".join(record)
         updates = ", ".join(f"{c} = excluded.{c}" for c in record if c != "path")
@@ -268,40 +343,6 @@ class Catalog:
         elif new["status"] == "duplicate":
             original = self._db.execute("SELECT path FROM loras WHERE id = ?", (new["duplicate_of"],)).fetchone()
             report.duplicates.append(f"{path.name} has the same tensors as {Path(original['path']).name}")
-
-    def _describe(self, path: Path, side: sc.Sidecars, sha: str, tensor_hash: str | None) -> dict:
-        """Column values for one file: parsed and checked LoRA facts, or the reason it is quarantined."""
-        record = {
-            "alias": None, "tensor_hash": None, "format": None, "kinds": [], "dora": None, "family": None,
-            "ranks": [], "alphas": [], "n_modules": None, "components": {}, "trigger_words": [], "description": "",
-            "tags": [], "preview": str(side.preview) if side.preview else None, "sidecar": side.as_dict(),
-            "metadata": {}, "warnings": list(side.warnings), "reason": None, "fix": None,
-        }
-        try:
-            lora = read_lora(path)
-        except LoRAFileError as e:
-            record.update(reason=e.reason, fix=e.fix)
-        except OSError as e:
-            record.update(reason=f"cannot read the file ({e.strerror or e})", fix="check the file and its permissions")
-        except Exception as e:  # a scan never stops on one file
-            record.update(reason=f"unexpected {type(e).__name__}: {e}", fix="report this file as a LoRA Studio bug")
-        else:
-            family = lora.family
-            hint = sc.family_hint(side)
-            if family == "unknown" and hint:
-                family = hint
-            elif hint and hint != family:
-                record["warnings"].append(f"sidecar files say {hint} but the tensors say {family}")
-            record.update(
-                alias=sc.alias(lora.metadata, side), tensor_hash=tensor_hash or sha, format=lora.source_format,
-                kinds=lora.kinds(), dora=lora.has_dora, family=family, ranks=lora.ranks(), alphas=lora.alphas(),
-                n_modules=len(lora.modules), components=lora.components(),
-                trigger_words=sc.trigger_words(lora.metadata, side), description=sc.description(lora.metadata, side),
-                tags=sc.tags(lora.metadata, side), metadata=lora.metadata,
-            )
-        for column in _JSON_COLUMNS:
-            record[column] = json.dumps(record[column])
-        return record
 
     def _repair_duplicates(self, tensor_hash: str | None) -> None:
         """Make the lowest id with this tensor hash the original and the others its duplicates."""
