@@ -208,6 +208,8 @@ def main(argv=None):
                                                  "runs/compose/partial.json (--n-sets < 60)")
     ap.add_argument("--grid-sets", type=int, default=8, help="sets per N kept for the sample grids")
     ap.add_argument("--fresh", action="store_true", help="ignore results already in the output file")
+    ap.add_argument("--rerun", action="store_true",
+                    help="measure --methods again even where the output file has them (e.g. timings on a quiet machine)")
     ap.add_argument("--available-only", action="store_true",
                     help="draw sets only from LoRAs already in the library (partial runs while it builds)")
     args = ap.parse_args(argv)
@@ -265,7 +267,7 @@ def main(argv=None):
     report["gate"] = str(TRAINED_GATE.relative_to(ROOT)) if TRAINED_GATE.exists() else "training-free default"
     for method in methods:
         for n in ns:
-            if str(n) in report["methods"].get(method, {}):
+            if str(n) in report["methods"].get(method, {}) and not args.rerun:
                 print(f"{method} N={n}: done earlier", report["methods"][method][str(n)]["all_present"])
                 continue
             sets = make_sets(n, args.n_sets, available)

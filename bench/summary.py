@@ -56,8 +56,11 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
 
     sw = _load("switching.json")
     if sw:
-        for key, val in sorted(sw.get("summary", {}).items()):
-            add("LoRA library", f"switch: {key}", val, "<= 20 ms on GPU, flat in #loaded", None)
+        gpu = sw.get("device", "cpu") != "cpu"
+        for r in sw.get("rows", []):
+            if r["engine"] in ("studio", "diffusers_unfused"):
+                add("LoRA library", f"{sw.get('device')}: switch the active set, {r['loaded']} loaded ({r['engine']}), ms",
+                    r["switch_ms"], "<= 20 on GPU, flat", (r["switch_ms"] <= 20) if gpu else None)
     else:
         add("LoRA library", "switching cost", None, "<= 20 ms on GPU", False)
 
@@ -110,8 +113,11 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
     add("Retrieval", f"query at {scale.get('n', '1M')} vectors, ms", scale.get("ms_per_query"), "<= 1",
         scale.get("ms_per_query") is not None and scale["ms_per_query"] <= 1)
     add("Retrieval", "recall vs exact search at that size", scale.get("recall"), ">= 0.97", (scale.get("recall") or 0) >= 0.97)
-    add("Retrieval", "index 10 000 LoRA files, s", ret.get("index_10k_files_s"), "<= 60",
-        ret.get("index_10k_files_s") is not None and ret["index_10k_files_s"] <= 60)
+    add("Retrieval", "index 10 000 LoRA files (headers + low-rank features), s", ret.get("index_10k_files_s"),
+        "<= 60", ret.get("index_10k_files_s") is not None and ret["index_10k_files_s"] <= 60)
+    files = ret.get("details", {}).get("files", {})
+    add("Retrieval", "same, with the catalog scan first (hashes, full validation), s", files.get("total_s"), "<= 60",
+        files.get("total_s") is not None and files["total_s"] <= 60)
 
     cl = _load("cluster.json") or {}
     w, im = cl.get("weights", {}), cl.get("image_baseline", {})

@@ -230,3 +230,6 @@ def test_a_big_scan_reads_files_in_worker_processes_with_the_same_result(tmp_pat
                              for e in catalog.all() + catalog.quarantined()}
             assert catalog.scan(lib, workers=workers).unchanged == n   # a rescan reads nothing
     assert rows[1] == rows[2]
+    import multiprocessing
+
+    assert multiprocessing.active_children() == []   # the pool's workers end with the scan

@@ -222,8 +222,11 @@ def _analysed(paths: list[Path], workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
         yield from pool.map(analyse_file, paths, chunksize=8)
+    finally:   # also when the scan stops early: no worker outlives it
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Catalog:
@@ -299,9 +302,13 @@ class Catalog:
             except FileNotFoundError:
                 continue  # deleted while scanning; the next scan forgets it
         workers = workers if workers is not None else (os.cpu_count() or 1)
-        for path, analysis in zip(changed, _analysed(changed, workers)):
-            if analysis is not None:
-                self._scan_file(path, known.get(str(path)), report, analysis)
+        results = _analysed(changed, workers)
+        try:
+            for path, analysis in zip(changed, results):
+                if analysis is not None:
+                    self._scan_file(path, known.get(str(path)), report, analysis)
+        finally:
+            results.close()
         report.seconds = time.monotonic() - started
         return report
 
