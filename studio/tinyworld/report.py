@@ -103,7 +103,8 @@ def main() -> None:
         lines.append(f"| {name} | {params:,} | {t} | {sched} | {_mb(size)} | {note} |")
     lines += [
         "",
-        "## LoRA library (`assets/loras/`, built by `python -m studio.tinyworld.build_library`)",
+        "## LoRA library (`assets/loras/`: headline, the default library; `assets/community/`: the rest; built by "
+        "`python -m studio.tinyworld.build_library`)",
         "",
         *library_rows(),
         "",
