@@ -553,11 +553,14 @@ class _Worker:
 _WORKER: _Worker | None = None
 
 
-def _init_worker(args) -> None:
+def _init_worker(args, parent_pid: int) -> None:
     global _WORKER
     import torch
 
+    from studio.library.catalog import exit_with_parent
+
     torch.set_num_threads(1)
+    exit_with_parent(parent_pid)
     _WORKER = _Worker(*args)
 
 
@@ -597,7 +600,7 @@ class _FeaturizerPool:
             from concurrent.futures import ProcessPoolExecutor
 
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(self.args,))
+                                            initializer=_init_worker, initargs=(self.args, os.getpid()))
         else:
             self.local = _Worker(*self.args)
         return self.run

@@ -212,6 +212,26 @@ def analyse_file(path: str | Path) -> tuple | None:
         return None
 
 
+def exit_with_parent(parent_pid: int) -> None:
+    """Pool-worker initializer: the worker exits when the process that started it is gone (a server killed with
+    SIGKILL mid-scan must not leave orphaned workers behind)."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _init_scan_worker(parent_pid: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    exit_with_parent(parent_pid)
+
+
 def _analysed(paths: list[Path], workers: int):
     """analyse_file over `paths`, in order: a process pool of `workers` when there are enough files (each
     file's database write stays in the scanning process, one transaction each, so a kill still leaves a
@@ -222,7 +242,8 @@ def _analysed(paths: list[Path], workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_scan_worker, initargs=(os.getpid(),))
     try:
         yield from pool.map(analyse_file, paths, chunksize=8)
     finally:   # also when the scan stops early: no worker outlives it
