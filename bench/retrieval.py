@@ -223,6 +223,11 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
     for key, mode in (("fused", "fused"), ("metadata_only", "metadata"), ("lexical_only", "lexical")):
         hits = index.search_many([p for p, _ in queries], k=n_all, family="tinyworld", mode=mode)
         out[key] = rank_metrics([[h.id for h in hs] for hs in hits], relevant)
+        if key == "fused":   # the misses, for diagnosis: prompt, concept, what came first
+            names = {e.id: e.name for e in entries}
+            out["fused_misses"] = [{"prompt": p, "concept": c, "top3": [names.get(h.id) for h in hs[:3]]}
+                                   for (p, c), hs, rel in zip(queries, hits, relevant)
+                                   if not any(h.id in rel for h in hs[:3])]
     # weights only: queries about concepts with unseen LoRAs, ranking only the unseen LoRAs
     for key, pool in (("weights_only_unseen", unseen_ids), ("weights_only_seen", train_ids)):
         qs = [(p, c) for p, c in queries if any(concepts[i] == c for i in pool)]
@@ -233,9 +238,14 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
         out[key]["pool"] = len(pool)
     # auto-pick: the top pick on concept prompts, and nothing on prompts about nothing in the library
     top_ok = 0
+    misses = []
     for p, c in queries:
         picks = autopick(p, index, k=3, family="tinyworld")
-        top_ok += bool(picks) and concepts.get(picks[0].id) == c
+        ok = bool(picks) and concepts.get(picks[0].id) == c
+        top_ok += ok
+        if not ok:
+            misses.append({"prompt": p, "concept": c, "picks": [(k.name, round(k.score, 3), k.phrase) for k in picks]})
+    out["autopick_misses"] = misses
     empty = sum(not autopick(p, index, k=3, family="tinyworld") for p in NOTHING_FITS)
     out["autopick"] = {"top_pick_correct": round(top_ok / len(queries), 4),
                        "nothing_fits_empty": round(empty / len(NOTHING_FITS), 4), "threshold": 0.3}
