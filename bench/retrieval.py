@@ -191,7 +191,7 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
     labels = load_labels(args.labels)
     cat = Catalog(work / "quality" / "catalog.sqlite")
     t0 = time.monotonic()
-    scans = [cat.scan(lib) for lib in libraries]
+    scans = [cat.scan(lib, workers=os.cpu_count() or 1) for lib in libraries]
     log(f"scanned {', '.join(map(str, libraries))}: {len(cat.all())} LoRAs ({time.monotonic() - t0:.1f}s)")
     entries = [e for e in cat.all() if e.status == "ok" and e.family == "tinyworld"]
     concepts = {e.id: c for e in entries if (c := concept_of(e, labels))}
@@ -335,7 +335,7 @@ def files_bench(args, work: Path, text, encoder) -> dict:
     log(f"wrote {args.files} files in {time.monotonic() - t0:.0f}s")
     cat = Catalog(work / "files_catalog" / "catalog.sqlite")
     t0 = time.monotonic()
-    cat.scan(folder)
+    cat.scan(folder, workers=os.cpu_count() or 1)
     scan_s = time.monotonic() - t0
     log(f"catalog scan: {scan_s:.1f}s")
     index = LibraryIndex(cat, text_embedder=text, encoder=encoder, workers=args.workers)

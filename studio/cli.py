@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def _cmd_index(args) -> int:
     from .api import open_catalog
 
     with open_catalog(args.library) as catalog:
-        report = catalog.scan(args.library)
+        report = catalog.scan(args.library, workers=os.cpu_count() or 1)
         print(report)
         print(f"{len(catalog.all())} LoRA(s) in the catalog, {len(catalog.quarantined())} quarantined "
               f"({Path(args.library).resolve() / '.studio' / 'catalog.sqlite'})")

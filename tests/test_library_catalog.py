@@ -233,3 +233,30 @@ def test_a_big_scan_reads_files_in_worker_processes_with_the_same_result(tmp_pat
     import multiprocessing
 
     assert multiprocessing.active_children() == []   # the pool's workers end with the scan
+
+
+def test_a_pool_scan_from_an_unguarded_script_falls_back_to_one_process(tmp_path):
+    """Spawned workers re-run a script that has no `if __name__ == "__main__":` guard and die; the scan then
+    reads the files itself (with a warning) and the catalog is complete."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from retrieval.synthetic import SMALL_TARGETS, write_synthetic_library
+    from studio.tinyworld.catalog import CONCEPTS
+
+    lib = tmp_path / "lib"
+    write_synthetic_library(lib, [c.name for c in CONCEPTS], ranks=(4,), seeds=(0, 1, 2), shapes=SMALL_TARGETS)
+    n = len(list(lib.rglob("*.safetensors")))
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(f"""
+        import warnings
+        from studio.library.catalog import Catalog
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = Catalog({str(tmp_path / 'c.sqlite')!r}).scan({str(lib)!r}, workers=2)
+        print("ADDED", len(report.added), any("worker processes failed" in str(w.message) for w in caught))
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert f"ADDED {n} True" in out.stdout, out.stdout + out.stderr[-2000:]

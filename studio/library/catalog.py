@@ -242,10 +242,21 @@ def _analysed(paths: list[Path], workers: int):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from concurrent.futures.process import BrokenProcessPool
+
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_scan_worker, initargs=(os.getpid(),))
+    done = 0
     try:
-        yield from pool.map(analyse_file, paths, chunksize=8)
+        for analysis in pool.map(analyse_file, paths, chunksize=8):
+            yield analysis
+            done += 1
+    except BrokenProcessPool:   # e.g. a script without `if __name__ == "__main__":` (spawned workers re-run it)
+        import warnings
+
+        warnings.warn("LoRA scan: worker processes failed to start; reading the files in this process instead "
+                      "(run scans from a `if __name__ == '__main__':` block to use several cores)", RuntimeWarning)
+        yield from map(analyse_file, paths[done:])
     finally:   # also when the scan stops early: no worker outlives it
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -293,9 +304,10 @@ class Catalog:
 
     # -- scanning ------------------------------------------------------------------------------------------
 
-    def scan(self, directory: str | Path, workers: int | None = None) -> ScanReport:
-        """Index every LoRA file under `directory`; forget catalogued files there that are gone. New and changed
-        files are read by `workers` processes (default: one per CPU core) when there are many of them."""
+    def scan(self, directory: str | Path, workers: int = 1) -> ScanReport:
+        """Index every LoRA file under `directory`; forget catalogued files there that are gone. With
+        `workers` > 1, new and changed files are read by that many processes when there are many of them
+        (spawned: the calling script needs a `if __name__ == "__main__":` guard; `studio index` uses one per core)."""
         started = time.monotonic()
         root = Path(directory).resolve()
         if not root.is_dir():
@@ -322,7 +334,6 @@ class Catalog:
                     changed.append(path)
             except FileNotFoundError:
                 continue  # deleted while scanning; the next scan forgets it
-        workers = workers if workers is not None else (os.cpu_count() or 1)
         results = _analysed(changed, workers)
         try:
             for path, analysis in zip(changed, results):
