@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from studio.api import TINYWORLD_LORAS, StudioInputError  # noqa: E402
+from studio.library.catalog import cache_dir  # noqa: E402
 
 DEFAULT_OUT = ROOT / "out" / "app"
 UPLOAD_TYPES = (".safetensors",)
@@ -266,7 +267,7 @@ class StudioApp:
         return [Path(get_upload_folder()).resolve(), self.library, self.out]
 
     def _inside(self, path: Path, roots) -> bool:
-        return any(path.is_relative_to(r) for r in roots) and not path.is_relative_to(self.library / ".studio")
+        return any(path.is_relative_to(r) for r in roots) and not path.is_relative_to(cache_dir(self.library))
 
     def _input_file(self, file_path, what: str) -> Path:
         """The file a handler was given, resolved (symlinks followed), if it lies in `input_roots`; anything
@@ -296,7 +297,7 @@ class StudioApp:
                 real = Path(e.path).resolve()
             except (OSError, RuntimeError):
                 real = None
-            if real is None or not real.is_relative_to(self.library) or real.is_relative_to(self.library / ".studio"):
+            if real is None or not real.is_relative_to(self.library) or real.is_relative_to(cache_dir(self.library)):
                 out[e.name] = Path(e.path)
         return out
 
@@ -756,7 +757,7 @@ class StudioApp:
         """`demo.launch` arguments: bind address, auth, upload limit, and the only folders Gradio may serve."""
         return dict(server_name=host or "127.0.0.1", server_port=port, auth=auth, quiet=quiet, show_error=True,
                     allowed_paths=[str(self.library), str(self.out)],
-                    blocked_paths=[str(self.library / ".studio")],
+                    blocked_paths=[str(cache_dir(self.library))],
                     max_file_size=self.max_upload_bytes, enable_monitoring=False, share=False)
 
     def launch(self, host: str = "127.0.0.1", port: int | None = None, auth=None, quiet: bool = False,

@@ -123,9 +123,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     labels = json.loads(Path(args.labels).read_text())
-    assets = Path(args.labels).parent
-    rels = sorted(r for r in labels if (assets / r).exists())
-    paths = [assets / r for r in rels]
+    rels = sorted(r for r in labels if (ROOT / r).exists())
+    paths = [ROOT / r for r in rels]
     concept = [labels[r]["concept"] for r in rels]
     category = [labels[r]["category"] for r in rels]
     t0 = time.time()

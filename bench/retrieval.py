@@ -2,7 +2,7 @@
 
     python bench/retrieval.py                      # everything; writes bench/results/retrieval.json
     python bench/retrieval.py --tiny               # smoke run at toy sizes (writes /tmp/retrieval_tiny.json)
-    python bench/retrieval.py --skip-scale --skip-files --library assets/loras assets/community
+    python bench/retrieval.py --skip-scale --skip-files --library assets/loras runs/community
 
 1. Quality. Every TinyWorld concept is described by prompts that share no word with its LoRAs' metadata
    (checked: trigger words, kohya tag lists, description, tags, name). The LoRAs are split per concept: the
@@ -15,7 +15,8 @@
 3. Files. N synthetic TinyWorld LoRA files (all 128 attention modules, rank 4, fp16, metadata + sidecar):
    the catalog scan, then `LibraryIndex.rebuild` (file headers plus low-rank features in every channel).
 
-The library is `--library` (default assets/loras and assets/community) when they hold LoRA files, else a synthetic one (said so
+The library is `--library` (default assets/loras and runs/community, built by
+`python -m studio.tinyworld.build_library --only community` and `--only style_content`) when they hold LoRA files, else a synthetic one (said so
 in the result). The text embedder is the best available (`--text`): a packaged sentence model, else the
 TinyWorld CLIP text encoder, else hashing.
 """
@@ -48,7 +49,7 @@ from studio.library.catalog import Catalog  # noqa: E402
 from studio.tinyworld.catalog import CONCEPTS  # noqa: E402
 
 TINYWORLD = ROOT / "assets" / "tinyworld"
-LIBRARY = [ROOT / "assets" / "loras", ROOT / "assets" / "community"]   # curated set + the community pile
+LIBRARY = [ROOT / "assets" / "loras", ROOT / "runs" / "community"]   # curated set + the community pile (built on demand)
 LABELS = ROOT / "assets" / "loras_labels.json"
 
 # Two prompts per concept, in words none of its LoRAs' metadata uses (verified at run time).

@@ -33,6 +33,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from studio.library.catalog import cache_dir
+
 from .schedules import Pass, Schedule
 
 CATEGORY_PRIOR = {"style": 0.03, "background": 0.02, "clothing": 0.01, "object": 0.01, "character": 0.0}
@@ -102,7 +104,7 @@ def cached_score(lora, settings: str | None = None) -> float | None:
 
 def _json_path(studio) -> Path | None:
     library = getattr(studio, "library", None)
-    return Path(library) / ".studio" / "frequency_scores.json" if library is not None else None
+    return cache_dir(library) / "frequency_scores.json" if library is not None else None
 
 
 def frequency_scores(studio_or_pipe, loras, prompts: Mapping[str, Sequence[str]] | Sequence[str] | None = None,

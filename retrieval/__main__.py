@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _catalog(library: Path):
-    from studio.library.catalog import Catalog
+    from studio.library.catalog import Catalog, cache_dir
 
-    cat = Catalog(library / ".studio" / "catalog.sqlite")
+    cat = Catalog(cache_dir(library) / "catalog.sqlite")
     cat.scan(library)
     return cat
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from studio.library.catalog import cache_dir
+
 from .autopick import DEFAULT_THRESHOLD, Pick, autopick, insert_triggers
 from .library import LibraryIndex
 from .text import ClipTextEmbedder, HFMeanPoolEmbedder, default_text_embedder, packaged_model_folder
@@ -19,7 +21,7 @@ ENCODER_FILE = "retrieval_encoder.safetensors"
 
 
 def find_encoder(library: Path | None, family: str) -> Path | None:
-    for path in ([library / ".studio" / ENCODER_FILE] if library else []) + [ASSETS / f"encoder_{family}.safetensors"]:
+    for path in ([cache_dir(library) / ENCODER_FILE] if library else []) + [ASSETS / f"encoder_{family}.safetensors"]:
         if path.is_file():
             return path
     return None

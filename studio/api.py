@@ -8,6 +8,8 @@ from typing import Optional
 import torch
 from PIL import Image
 
+from .library.catalog import cache_dir
+
 TINYWORLD = Path(__file__).resolve().parents[1] / "assets" / "tinyworld"
 TINYWORLD_LORAS = Path(__file__).resolve().parents[1] / "assets" / "loras"
 FAMILY_BY_CROSS_ATTENTION = {128: "tinyworld", 768: "sd15", 2048: "sdxl"}
@@ -18,13 +20,13 @@ MAX_PROMPT_CHARS = 2000
 
 
 def open_catalog(library: str | Path):
-    """The catalog of a LoRA library folder, kept beside the files in `<library>/.studio/catalog.sqlite`."""
+    """The catalog of a LoRA library folder, kept in its cache folder (`studio.library.catalog.cache_dir`)."""
     from .library.catalog import Catalog
 
     library = Path(library)
     if not library.is_dir():
         raise StudioInputError(f"no LoRA library folder at {library}: pass a folder of LoRA files")
-    return Catalog(library / ".studio" / "catalog.sqlite")
+    return Catalog(cache_dir(library) / "catalog.sqlite")
 
 
 class StudioInputError(ValueError):
@@ -324,7 +326,7 @@ class Studio:
             except Exception:
                 pass  # a broken preview file: fall through to the cache
         key = (entry.tensor_hash or entry.file_sha256 or entry.name)[:16]
-        cached = Path(self.library) / ".studio" / "previews" / f"{key}-{self.family}-s{steps}.png"
+        cached = cache_dir(self.library) / "previews" / f"{key}-{self.family}-s{steps}.png"
         if cached.is_file():
             try:
                 with Image.open(cached) as im:

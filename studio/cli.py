@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from .library.catalog import cache_dir
+
 
 def _cmd_generate(args) -> int:
     from .api import Studio
@@ -60,7 +62,7 @@ def _cmd_index(args) -> int:
         report = catalog.scan(args.library, workers=os.cpu_count() or 1)
         print(report)
         print(f"{len(catalog.all())} LoRA(s) in the catalog, {len(catalog.quarantined())} quarantined "
-              f"({Path(args.library).resolve() / '.studio' / 'catalog.sqlite'})")
+              f"({cache_dir(args.library) / 'catalog.sqlite'})")
     return 0
 
 
@@ -82,7 +84,7 @@ def _cmd_cluster(args) -> int:
     studio = Studio(model=args.model, device=args.device, library=args.library)
     if studio.library is None:
         raise StudioInputError("no LoRA library: pass --library DIR, a folder of LoRA files")
-    out = Path(args.out) if args.out else Path(studio.library) / ".studio" / "style_map.png"
+    out = Path(args.out) if args.out else cache_dir(studio.library) / "style_map.png"
     styles = studio.cluster(k=args.k, out_png=out, previews=args.previews)
     if args.json:
         print(json.dumps(styles.to_dict(), indent=2))

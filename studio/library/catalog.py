@@ -22,6 +22,20 @@ from .canonical import LoRA
 from .errors import LoRAFileError
 from .formats import PICKLE_SUFFIXES, read_lora
 
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def cache_dir(library: str | Path) -> Path:
+    """Where LoRA Studio keeps a library's derived files (catalog, vector index, previews, frequency scores,
+    style map): ``<library>/.studio``, except for the libraries shipped in the repository's ``assets/``
+    (TinyWorld's), whose caches go to ``runs/cache/<path under assets>``: the committed assets stay as shipped."""
+    library = Path(library).resolve()
+    assets = _REPO / "assets"
+    if library.is_relative_to(assets):
+        return _REPO / "runs" / "cache" / library.relative_to(assets)
+    return library / ".studio"
+
+
 SCHEMA_VERSION = 1
 LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 

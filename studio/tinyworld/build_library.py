@@ -4,12 +4,14 @@
 
 Resumable: a file that exists is skipped. LoRAs of one rank train together in gangs (see `train_lora`; a
 LoRA trained in a gang equals the same LoRA trained alone). Headline LoRAs go to
-`assets/loras/<concept>.safetensors` (kohya, full metadata, `.civitai.info` sidecar): TinyWorld's default
-library, the curated set a user would keep. Community variants go to `assets/community/` (the benchmark's
-"downloaded from Civitai" pile for retrieval and clustering, not the default library) with ranks 4-32 (skewed small), two per concept, other seeds, step counts and alphas, some in diffusers format
+`assets/loras/<concept>.safetensors` (kohya, full metadata, `.civitai.info` sidecar), resized after training
+as kohya's `resize_lora.py --dynamic_method sv_fro 0.95` would (half the bytes; `assets/` stays under 60 MB):
+TinyWorld's default library, the curated set a user would keep. Community variants go to `runs/community/`
+(git-ignored: the benchmarks' "downloaded from Civitai" pile for retrieval and clustering, built on demand by
+`--only community` and `--only style_content`, ~17 min on 2 cores; not committed, to keep the repository small) with ranks 4-32 (skewed small), two per concept, other seeds, step counts and alphas, some in diffusers format
 and some with no metadata at all, and style LoRAs trained on narrow, different content (one shape and colour
-each) for the style-clustering benchmark. The ground truth (concept, category, style family per file) is written to
-`assets/loras_labels.json`, which the product never reads at run time.
+each) for the style-clustering benchmark. The ground truth (concept, category, style family per file, keyed by
+the path from the repository root) is written to `assets/loras_labels.json`, which the product never reads.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from .train_lora import LoRAJob, train_loras
 
 ROOT = Path(__file__).resolve().parents[2]
 LORAS = ROOT / "assets" / "loras"
-COMMUNITY = ROOT / "assets" / "community"
+COMMUNITY = ROOT / "runs" / "community"
+HEADLINE_RESIZE_FRO = 0.95
 LABELS = ROOT / "assets" / "loras_labels.json"
 
 
@@ -73,6 +76,14 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
     return gangs
 
 
+def resize_file(path: Path, fro: float) -> None:
+    """Rewrite a kohya file at the dynamic ranks that keep `fro` of each module's ΔW (metadata kept)."""
+    from ..library.formats import read_lora, write_lora
+    from ..library.resize import resize_lora
+
+    write_lora(resize_lora(read_lora(path), fro), path, format="kohya")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["headline", "community", "style_content"], default=None)
@@ -83,7 +94,7 @@ def main(argv=None):
     for steps, jobs in tqdm(gangs, desc="library"):
         for j in jobs:
             c = concepts[j.concept]
-            labels[str(Path(j.out).relative_to(ROOT / "assets"))] = {
+            labels[str(Path(j.out).relative_to(ROOT))] = {
                 "concept": c.name, "category": c.category, "style_family": c.style_family, "kind": j.extra["kind"],
                 "rank": j.rank, "alpha": j.alpha, "seed": j.seed, "steps": steps, "format": j.format, "bare": j.bare,
                 "content": j.content}
@@ -92,6 +103,9 @@ def main(argv=None):
             headline = todo[0].extra["kind"] == "headline"   # variants: plain attention LoRAs (smaller files)
             train_loras(todo, steps=steps, batch_per_lora=8 if headline else 4,
                         network="locon" if headline else "attention")
+            if headline:
+                for j in todo:
+                    resize_file(Path(j.out), HEADLINE_RESIZE_FRO)
         LABELS.write_text(json.dumps(labels, indent=2, sort_keys=True))
 
 

@@ -17,10 +17,7 @@ ASSETS = ROOT / "assets"
 
 
 def _size(path: Path) -> int:
-    """Bytes of the committed files under `path` (a library's `.studio/` cache is git-ignored: not counted)."""
-    if not path.is_dir():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and ".studio" not in f.parts)
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def library_rows() -> list[str]:
@@ -32,18 +29,18 @@ def library_rows() -> list[str]:
     labels = json.loads((ASSETS / "loras_labels.json").read_text())
     kinds = defaultdict(list)
     for rel, lab in labels.items():
-        if (ASSETS / rel).is_file():
+        if (ROOT / rel).is_file():
             kinds[lab["kind"]].append((rel, lab))
     rows = ["| kind | files | ranks | network | formats | no metadata | steps | files size |",
             "|---|---:|---|---|---|---:|---|---:|"]
     for kind, items in sorted(kinds.items()):
         nets = set()
         for rel, _ in items:
-            with safe_open(str(ASSETS / rel), "pt") as f:
+            with safe_open(str(ROOT / rel), "pt") as f:
                 keys = list(f.keys())
             nets.add("LoCon (attn, ff, resnets) + TE" if any("resnets" in k for k in keys) else
                      "attention + TE" if any("lora_te" in k or "text_encoder" in k for k in keys) else "attention")
-        size = sum((ASSETS / rel).stat().st_size for rel, _ in items)
+        size = sum((ROOT / rel).stat().st_size for rel, _ in items)
         rows.append(f"| {kind} | {len(items)} | {', '.join(str(r) for r in sorted({l['rank'] for _, l in items}))} | "
                     f"{'; '.join(sorted(nets))} | {', '.join(sorted({l['format'] for _, l in items}))} | "
                     f"{sum(bool(l['bare']) for _, l in items)} | "
@@ -103,15 +100,12 @@ def main() -> None:
         lines.append(f"| {name} | {params:,} | {t} | {sched} | {_mb(size)} | {note} |")
     lines += [
         "",
-        "## LoRA library (`assets/loras/`: headline, the default library; `assets/community/`: the rest; built by "
-        "`python -m studio.tinyworld.build_library`)",
+        "## LoRA library (`python -m studio.tinyworld.build_library`; committed: `assets/loras/`, the headline set, "
+        "resized with sv_fro 0.95; `runs/community/` is built on demand for the benchmarks)",
         "",
         *library_rows(),
         "",
-        f"All of `assets/`: {_mb(_size(ASSETS))}. The TinyWorld issue asked for at most 60 MB; the model alone is "
-        f"{_mb(_size(tw))}, and a LoRA library of 100+ files that actually draws its concepts does not fit beside it "
-        "(attention-only rank-8 LoRAs, 4x smaller, did not draw: see `studio/tinyworld/train_lora.py`). The test "
-        "`test_assets_stay_small` holds the total at 120 MB.",
+        f"All of `assets/`: {_mb(_size(ASSETS))} (limit 60 MB; `test_assets_stay_small`).",
         "",
         f"Sampling on CPU ({threads} threads, DPM-Solver++ 25 steps, CFG 7, batch 16): "
         f"**{spi:.3f} s per image** at 64×64.",
