@@ -36,7 +36,6 @@ and ``diffusers_fused`` compute what diffusers' unfused adapters compute (max ab
 
     python bench/speed.py                       # CPU defaults (1 thread, small latents); bench/results/speed.{json,md}
     python bench/speed.py --device cuda         # GPU defaults: fp16, SD1.5 latents 64, SDXL 128 (CPU rows kept)
-    python bench/speed.py --render              # rewrite speed.json/.md from the rows already measured
     python bench/speed.py --unets sd15 --latent-sd15 8 --ranks 16 --n-loras 1 --targets attn --rounds 1 \
         --out /tmp/speed_smoke.json             # a smoke run
 """
@@ -361,14 +360,10 @@ def runs_path(out: Path) -> Path:
 
 
 def load_results(out: Path) -> tuple[list[dict], dict]:
-    """(rows, runs) already in `out` (a list of rows; runs: {device: {machine, settings}} beside it). A file in
-    the earlier layout ({"device", "machine", "settings", "rows"}) is read too."""
+    """(rows, runs) already in `out` (a list of rows; runs: {device: {machine, settings}} beside it)."""
     if not out.is_file():
         return [], {}
     data = json.loads(out.read_text())
-    if isinstance(data, dict):
-        devices = {r["device"] for r in data["rows"]} or {data["device"].split()[0]}
-        return data["rows"], {d: {"machine": data["machine"], "settings": data["settings"]} for d in devices}
     runs = json.loads(runs_path(out).read_text()) if runs_path(out).is_file() else {}
     return data, runs
 
@@ -467,17 +462,7 @@ def main(argv=None):
     ap.add_argument("--allocator", choices=("auto", "glibc"), default="auto",
                     help="auto: on CPU, re-run under jemalloc (retained memory) when one is found; glibc: as is")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "speed.json"))
-    ap.add_argument("--render", action="store_true",
-                    help="measure nothing: rewrite --out (any earlier layout) and its markdown from the rows in it")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.render:
-        out = Path(args.out)
-        rows, runs = load_results(out)
-        for dev in dict.fromkeys(r["device"] for r in rows):
-            write_results(out, dev, [r for r in rows if r["device"] == dev], **dict(
-                zip(("info", "settings"), (runs.get(dev, {}).get("machine"), runs.get(dev, {}).get("settings")))))
-        print(f"rewrote {out}, {runs_path(out)} and {out.with_suffix('.md')} ({len(rows)} rows)")
-        return
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     gpu = device.type == "cuda"

@@ -84,7 +84,7 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
                 ">= -0.01", m["all_present"] - c["all_present"] >= -0.01)
 
     speed = _load("speed.json")
-    speed_rows = speed if isinstance(speed, list) else (speed or {}).get("rows", [])
+    speed_rows = speed or []
     for dev in dict.fromkeys(r["device"] for r in speed_rows):
         for unet in ("sd15", "sdxl"):
             def row(method, rank=16, n=3):

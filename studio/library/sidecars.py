@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -84,19 +83,6 @@ def _unique(words) -> list[str]:
             seen.add(w.lower())
             out.append(w)
     return out
-
-
-def top_tags(metadata: Mapping[str, str], n: int = 5) -> list[str]:
-    """The most frequent training tags from kohya's ``ss_tag_frequency``."""
-    try:
-        freq = json.loads(metadata.get("ss_tag_frequency", "{}"))
-    except (json.JSONDecodeError, RecursionError):
-        return []
-    counts = Counter()
-    for tags in freq.values() if isinstance(freq, dict) else []:
-        if isinstance(tags, dict):
-            counts.update({t.strip(): c for t, c in tags.items() if isinstance(c, int) and t.strip()})
-    return [t for t, _ in sorted(counts.items(), key=lambda tc: (-tc[1], tc[0]))[:n]]
 
 
 STOPWORDS = frozenset(
