@@ -29,7 +29,7 @@ def library_rows() -> list[str]:
     labels = json.loads((ASSETS / "loras_labels.json").read_text())
     kinds = defaultdict(list)
     for rel, lab in labels.items():
-        if (ROOT / rel).is_file():
+        if rel.startswith("assets/") and (ROOT / rel).is_file():   # what is committed (runs/ is built on demand)
             kinds[lab["kind"]].append((rel, lab))
     rows = ["| kind | files | ranks | network | formats | no metadata | steps | files size |",
             "|---|---:|---|---|---|---:|---|---:|"]
