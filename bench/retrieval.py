@@ -324,6 +324,9 @@ def write_files(folder: Path, n: int, rank: int = 4) -> None:
         tensors = {key: (t if key.endswith(".alpha") else torch.randn(t.shape, generator=g).half())
                    for key, t in template.items()}
         meta, info = metas[c]
+        # every file its own description, as in a real library (no two texts alike to embed only once)
+        info = dict(info, description=f"{info.get('description', '')} Version {k // len(CONCEPTS) + 1}: "
+                                      f"{200 + 50 * (k % 13)} steps, rank {4 * (1 + k % 8)}, seed {k}.")
         path = folder / f"f{k:05d}.safetensors"
         save_file(tensors, str(path), metadata=meta)
         path.with_suffix(".civitai.info").write_text(json.dumps(info))

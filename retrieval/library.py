@@ -594,6 +594,7 @@ class _FeaturizerPool:
         self.use_pool = self.workers > 1 and n >= self.MIN_FILES_FOR_POOL
         self.pool = None
         self.local = None
+        self.seen: dict[str, np.ndarray] = {}
 
     def __enter__(self):
         if self.use_pool:
@@ -610,10 +611,15 @@ class _FeaturizerPool:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _meta(self, chunk) -> np.ndarray | None:
+        """Metadata text vectors of a chunk; a text already embedded in this run (a shared description) is reused."""
         text = self.lib.text
         if text is None:
             return None
-        return text.encode([Metadata.of(e).text() for e in chunk])
+        texts = [Metadata.of(e).text() for e in chunk]
+        new = [t for t in dict.fromkeys(texts) if t not in self.seen]
+        if new:
+            self.seen.update(zip(new, text.encode(new)))
+        return np.stack([self.seen[t] for t in texts]) if texts else np.zeros((0, text.dim), np.float32)
 
     def run(self, entries: Sequence):
         """Yields (Features, None) per chunk, in order."""
