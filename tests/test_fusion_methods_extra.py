@@ -159,7 +159,8 @@ def test_cmlora_reuses_cached_passes_for_real(unet, loras, runtime):
     base = fresh - (e0[1] - u0)
     a = s.mix(1)
     expected_cond = base + sum(a[i] * (e0[i] - u0) for i in range(3))
-    assert _max(outs[1][:1], base) < ATOL and _max(outs[1][1:], expected_cond) < ATOL
+    # sums of four UNet outputs, batched (runtime) vs one row at a time (reference): a few float32 ulps more
+    assert _max(outs[1][:1], base) < 4 * ATOL and _max(outs[1][1:], expected_cond) < 4 * ATOL
     # the cached outputs really are step 0's: recomputing them at step 1 would differ
     assert _max(eps(singles["a"], 1, 1), e0[0]) > 1e-3
 
