@@ -132,7 +132,7 @@ class LibraryIndex:
         self.members: dict[str, set[int]] = {}
         self.calibration: dict[str, float] = {}
         self.lexical = LexicalIndex()
-        self._categories = self._trigger_map = None
+        self._forget_derived()
         self._reset_vectors()
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -331,7 +331,12 @@ class LibraryIndex:
         for e, m in zip(r.entries, metas):
             self.entries[e.id] = IndexedEntry(e.id, e.name, e.family, _stamp(e), m, str(e.path))
             report.added.append(e.name)
+        self._forget_derived()
+
+    def _forget_derived(self) -> None:
+        """Drop what is derived from the indexed set (categories, trigger map, score baselines) after a change."""
         self._categories = self._trigger_map = None
+        self._bg: dict[str, np.ndarray | None] = {}
 
     def _add(self, channel: str, ids: np.ndarray, vecs: np.ndarray, fams: Sequence[str]) -> None:
         self.vectors[channel].add(ids, vecs, list(fams))
@@ -340,7 +345,7 @@ class LibraryIndex:
     def _build_lexical(self) -> None:
         self.lexical = LexicalIndex().build((i, e.meta, e.family) for i, e in self.entries.items())
         self._vocab = self.lexical.vocab
-        self._categories = self._trigger_map = None
+        self._forget_derived()
 
     def _calibrate(self, n_queries: int = 300, n_targets: int = 2000, seed: int = 0) -> None:
         """Per dense channel, the median similarity of a metadata text to *other* LoRAs: the score that means
@@ -373,11 +378,25 @@ class LibraryIndex:
             fams.append("unknown")
         return fams
 
-    def calibrated(self, channel: str, score: float) -> float:
+    def calibrated(self, channel: str, score: float, mu: float | None = None) -> float:
+        """A channel's raw score on a common [0, 1] scale: (s - mu) / (1 - mu), mu the score that means "nothing
+        in particular" (the query's own median over the library when given, else the channel's median)."""
         if channel == "lexical":
             return float(np.clip(score, 0.0, 1.0))
-        mu = self.calibration.get(channel, 0.0)
+        if mu is None:
+            mu = self.calibration.get(channel, 0.0)
         return float(np.clip((score - mu) / max(1.0 - mu, 1e-6), 0.0, 1.0))
+
+    def _background(self, channel: str) -> np.ndarray | None:
+        """A fixed sample of up to 512 of a channel's vectors: what a query's similarity to LoRAs it has nothing
+        to do with looks like (its median is that query's baseline)."""
+        if channel not in self._bg:
+            ids = sorted(self.members.get(channel, ()))
+            if len(ids) > 512:
+                ids = sorted(np.random.default_rng(0).choice(ids, 512, replace=False).tolist())
+            self._bg[channel] = np.stack([self.vectors[channel].reconstruct(i) for i in ids]) if len(ids) >= 8 \
+                else None
+        return self._bg[channel]
 
     def _channels(self, mode: str) -> list[str]:
         if mode not in MODES:
@@ -406,10 +425,13 @@ class LibraryIndex:
         depth = max(depth or 0, 5 * k, 50)
         dense = [ch for ch in channels if ch != "lexical"]
         Q = self.text.encode(list(prompts)) if dense and self.text is not None else None
-        dense_results = {}
+        dense_results, baseline = {}, {}
         for ch in dense:
             D, I = self.vectors[ch].search(Q, depth, fams)
             dense_results[ch] = (D, I)
+            bg = self._background(ch)
+            if bg is not None:
+                baseline[ch] = np.median(Q @ bg.T, axis=1)
         out = []
         for qi, prompt in enumerate(prompts):
             raw: dict[int, dict[str, float]] = {}
@@ -441,7 +463,7 @@ class LibraryIndex:
                         s = scores.get(ch, floors[ch])
                     else:
                         continue  # this LoRA has nothing in this channel (e.g. no metadata)
-                    c = self.calibrated(ch, s)
+                    c = self.calibrated(ch, s, baseline[ch][qi] if ch in baseline else None)
                     cal[ch] = c
                     w = self.fusion.get(ch, 1.0)
                     weight_sum += w

@@ -188,3 +188,20 @@ def test_worker_processes_give_the_same_vectors(library, tmp_path, monkeypatch):
     assert set(pooled.entries) == set(vec)
     for i, v in vec.items():
         assert np.allclose(pooled.vector("descriptor", i), v, atol=1e-5)
+
+
+def test_scores_are_calibrated_against_the_query_own_baseline(library, tmp_path):
+    """A channel score is (s - m) / (1 - m), m the prompt's median similarity over the library: a LoRA as close to
+    the prompt as a typical unrelated one scores 0, whatever the prompt's overall level of similarity."""
+    cat, _ = _catalog(library[0], tmp_path)
+    index = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64))
+    prompt = "a floating ghost with a wavy hem"
+    hits = index.search(prompt, k=len(index), mode="meta")
+    q = index.text.encode([prompt])[0]
+    bg = index._background("meta")
+    assert bg is not None and len(bg) == len(index.members["meta"])
+    m = float(np.median(bg @ q))
+    for h in hits:
+        expected = np.clip((h.raw["meta"] - m) / (1 - m), 0, 1)
+        assert abs(h.channels["meta"] - expected) < 1e-6
+    assert hits[0].channels["meta"] > 0.3 and sum(h.channels["meta"] == 0 for h in hits) >= len(hits) // 2 - 1
