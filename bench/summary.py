@@ -112,6 +112,9 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
     add("Retrieval", "fused R@3", fused.get("r3"), ">= 0.95", (fused.get("r3") or 0) >= 0.95)
     add("Retrieval", "fused MRR", fused.get("mrr"), ">= 0.85", (fused.get("mrr") or 0) >= 0.85)
     add("Retrieval", "weights-only R@3, LoRAs the encoder never saw", wo.get("r3"), ">= 0.80", (wo.get("r3") or 0) >= 0.8)
+    pick = ret.get("details", {}).get("quality", {}).get("autopick", {})
+    add("Retrieval", "auto-pick: top pick right, paraphrase prompts", pick.get("top_pick_correct"), "(context)", None)
+    add("Retrieval", "auto-pick: nothing picked, off-library prompts", pick.get("nothing_fits_empty"), "(context)", None)
     add("Retrieval", f"query at {scale.get('n', '1M')} vectors, ms", scale.get("ms_per_query"), "<= 1",
         scale.get("ms_per_query") is not None and scale["ms_per_query"] <= 1)
     add("Retrieval", "recall vs exact search at that size", scale.get("recall"), ">= 0.97", (scale.get("recall") or 0) >= 0.97)
