@@ -342,15 +342,22 @@ def files_bench(args, work: Path, text, encoder) -> dict:
     cat.scan(folder, workers=os.cpu_count() or 1)
     scan_s = time.monotonic() - t0
     log(f"catalog scan: {scan_s:.1f}s")
-    index = LibraryIndex(cat, text_embedder=text, encoder=encoder, workers=args.workers)
-    t0 = time.monotonic()
-    report = index.rebuild()
-    index_s = time.monotonic() - t0
-    log(f"index rebuild: {index_s:.1f}s ({len(index)} LoRAs, {len(report.failed)} failed)")
+    # as the studio indexes by default (weight descriptor + metadata text), then with a trained weight encoder
+    # (the optional "weights" and "joint" channels) when the quality section trained one
+    out = {"files": args.files, "catalog_scan_s": round(scan_s, 2), "text_embedder": text.name if text else None}
+    for key, enc in (("index_s", None), ("index_with_encoder_s", encoder)):
+        if key != "index_s" and enc is None:
+            continue
+        index = LibraryIndex(cat, text_embedder=text, encoder=enc, workers=args.workers)
+        t0 = time.monotonic()
+        report = index.rebuild()
+        out[key] = round(time.monotonic() - t0, 2)
+        out["channels" if enc is None else "channels_with_encoder"] = sorted(index.vectors)
+        log(f"index rebuild ({', '.join(sorted(index.vectors))}): {out[key]:.1f}s ({len(index)} LoRAs, "
+            f"{len(report.failed)} failed)")
     shutil.rmtree(folder, ignore_errors=True)
-    return {"files": args.files, "index_s": round(index_s, 2), "catalog_scan_s": round(scan_s, 2),
-            "total_s": round(index_s + scan_s, 2), "workers": index.workers or "default",
-            "channels": sorted(index.vectors), "text_embedder": text.name if text else None}
+    out.update(total_s=round(out["index_s"] + scan_s, 2), workers=args.workers or "default")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ main

@@ -121,6 +121,8 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
     add("Retrieval", "index 10 000 LoRA files (headers + low-rank features), s", ret.get("index_10k_files_s"),
         "<= 60", ret.get("index_10k_files_s") is not None and ret["index_10k_files_s"] <= 60)
     files = ret.get("details", {}).get("files", {})
+    add("Retrieval", "same, with a trained weight encoder (optional channels), s", files.get("index_with_encoder_s"),
+        "<= 60", files.get("index_with_encoder_s") is not None and files["index_with_encoder_s"] <= 60)
     add("Retrieval", "same, with the catalog scan first (hashes, full validation), s", files.get("total_s"), "<= 60",
         files.get("total_s") is not None and files["total_s"] <= 60)
 
