@@ -345,9 +345,8 @@ def files_bench(args, work: Path, text, encoder) -> dict:
     # as the studio indexes by default (weight descriptor + metadata text), then with a trained weight encoder
     # (the optional "weights" and "joint" channels) when the quality section trained one
     out = {"files": args.files, "catalog_scan_s": round(scan_s, 2), "text_embedder": text.name if text else None}
-    for key, enc in (("index_s", None), ("index_with_encoder_s", encoder)):
-        if key != "index_s" and enc is None:
-            continue
+    runs = [("index_s", None)] + ([("index_with_encoder_s", encoder)] if encoder is not None else [])
+    for key, enc in runs:
         index = LibraryIndex(cat, text_embedder=text, encoder=enc, workers=args.workers)
         t0 = time.monotonic()
         report = index.rebuild()

@@ -254,18 +254,16 @@ class HFMeanPoolEmbedder:
         self._compute = None
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Identical texts are embedded once (versions of one LoRA often share a description); texts go through the
-        model in batches of similar token length (little padding); on a CPU with bf16 units the model runs in
-        bf16 (cosine to fp32 > 0.9999, about 2x faster)."""
+        """Texts go through the model in batches of similar token length (little padding); on a CPU with bf16 units
+        the model runs in bf16 (cosine to fp32 > 0.9999, about 2x faster)."""
         torch = self._torch
         texts = [t if t.strip() else " " for t in texts]
-        unique = list(dict.fromkeys(texts))
-        if not unique:
+        if not texts:
             return np.zeros((0, self.dim), np.float32)
-        ids = self.tokenizer(unique, truncation=True, max_length=self.max_length)["input_ids"]
-        order = sorted(range(len(unique)), key=lambda i: len(ids[i]))
+        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         model = self._compute_model()
-        out = np.zeros((len(unique), self.dim), np.float32)
+        out = np.zeros((len(texts), self.dim), np.float32)
         with torch.no_grad():
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
@@ -273,8 +271,7 @@ class HFMeanPoolEmbedder:
                 hidden = model(**enc).last_hidden_state.float()
                 m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 out[rows] = ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).numpy()
-        where = {t: i for i, t in enumerate(unique)}
-        return _normalise(out[[where[t] for t in texts]])
+        return _normalise(out)
 
     def _compute_model(self):
         """The model that runs: a bf16 copy on CPUs with native bf16 (AVX512-BF16 / AMX), else the fp32 model."""
