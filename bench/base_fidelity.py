@@ -9,6 +9,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,13 @@ def main(argv=None):
         hits["background"].append(p["background"] == c.background)
     all3 = np.mean([a and b and c for a, b, c in zip(*hits.values())])
     report = {k: round(float(np.mean(v)), 4) for k, v in hits.items()}
-    report.update(all_three=round(float(all3), 4), n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+    by_size = {size: round(float(np.mean([h for c, h in zip(comps, hits["shape"]) if c.size == size])), 4)
+               for size in sorted({c.size for c in comps})}
+    confusions = {attr: dict(Counter(f"{getattr(c, key)}->{p[name]}" for c, p in zip(comps, preds)
+                                     if p[name] != getattr(c, key)).most_common(6))
+                  for attr, key, name in (("shape", "subject", "subject"), ("color", "color", "color"),
+                                          ("background", "background", "background"))}
+    report.update(all_three=round(float(all3), 4), shape_by_size=by_size, top_confusions=confusions, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                   seconds_per_image=round(seconds / args.n, 4), device=str(studio.device), machine=machine(),
                   examples=[{"prompt": p, "seed": s, "judge": j} for p, s, j in
                             list(zip(prompts, seeds, preds))[:8]])

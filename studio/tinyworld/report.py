@@ -71,14 +71,17 @@ def main() -> None:
     tw = ASSETS / "tinyworld"
     vae = json.loads((tw / "vae" / "training.json").read_text())
     base = json.loads((tw / "training.json").read_text())
+    stages = base.get("stages", []) + [base]   # train_base --init: earlier stages first
     judge = json.loads((ASSETS / "judge" / "accuracy.json").read_text())
     spi, threads = seconds_per_image()
     m = machine()
     rows = [
         ("VAE (AutoencoderKL)", vae["params"], vae["train_seconds"], f"{vae['steps']} steps × 32",
          _size(tw / "vae"), f"PSNR {vae['psnr_base_renders_db']} dB on held-out base renders"),
-        ("UNet (UNet2DConditionModel)", base["unet_params"], base["train_seconds"],
-         f"{base['steps']} steps × {base['batch']}", _size(tw / "unet"), "trained jointly with the text encoder"),
+        ("UNet (UNet2DConditionModel)", base["unet_params"], sum(s["train_seconds"] for s in stages),
+         " then ".join(f"{s['steps']} steps × {s['batch']} (lr {s['lr']:g}, noise offset {s.get('noise_offset', 0.1)})"
+                       for s in stages), _size(tw / "unet"),
+         "trained jointly with the text encoder" + (", later stages fine-tune the earlier" if len(stages) > 1 else "")),
         ("Text encoder (CLIPTextModel)", base["text_encoder_params"], None, "(joint)", _size(tw / "text_encoder"),
          "49 408-token embedding: most parameters are the vocabulary table"),
         ("Tokenizer (CLIPTokenizer)", 0, 0, "built offline", _size(tw / "tokenizer"), "ids equal open_clip's"),

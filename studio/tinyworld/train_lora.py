@@ -136,7 +136,7 @@ class LoRAJob:
     n_images: int = 1500
     base_share: float = 0.3
     content: dict | None = None
-    noise_offset: float = 0.1   # as the base model was trained (kohya's --noise_offset)
+    noise_offset: float = 0.3   # as the base model was trained (kohya's --noise_offset; train_base --noise-offset)
     uncond_share: float = 0.6   # share of the base-only renders captioned "" (keeps the LoRA out of CFG's uncond)
     extra: dict = field(default_factory=dict)
 
