@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
 from pathlib import Path
 from typing import Union
 
@@ -23,11 +22,6 @@ from studio.library.canonical import LoRA, ModuleLoRA
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 Factors = Union[tuple, ModuleLoRA]  # (B (out, r), A (r, in'), scale) or a full module
-
-
-@lru_cache(maxsize=64)
-def _groups(fmt: str, keys: tuple[str, ...]):
-    return formats.group_keys(keys, fmt)
 
 
 class _Fallback(Exception):
@@ -78,7 +72,7 @@ def _read_fast(path: Path, family: str | None):
     fmt = formats.detect_format(keys, metadata)
     if fmt == "unknown":
         raise _Fallback
-    groups, unknown = _groups(fmt, keys)
+    groups, unknown = formats.grouped_keys(keys, fmt)
     if unknown or not groups:
         raise _Fallback
 

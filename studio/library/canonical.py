@@ -19,6 +19,7 @@ Kronecker factors stored in full has scale 1 whatever its alpha.
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -44,12 +45,17 @@ def _need(cond: bool, message: str) -> None:
 
 def delta_shape(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> tuple[int, ...]:
     """Shape of ΔW implied by the factor shapes of one module; ValueError when they do not fit together."""
+    return _delta_shape(kind, tuple(sorted((k, tuple(v)) for k, v in shapes.items())))
+
+
+@functools.lru_cache(maxsize=1 << 14)   # pure; the same factor shapes recur in every module and file of a library
+def _delta_shape(kind: str, items: tuple) -> tuple[int, ...]:
     _need(kind in _FACTORS, f"unknown adapter kind {kind!r}")
     required, optional = _FACTORS[kind]
-    names = set(shapes)
+    names = {k for k, _ in items}
     _need(required <= names, f"{kind} module lacks factor(s) {sorted(required - names)}")
     _need(names <= required | optional, f"{kind} module has unexpected factor(s) {sorted(names - required - optional)}")
-    s = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
+    s = {k: tuple(int(d) for d in v) for k, v in items}
     _need(all(d > 0 for v in s.values() for d in v), "a factor has a zero-sized dimension")
     return {"lora": _lora_shape, "locon": _locon_shape, "loha": _loha_shape, "lokr": _lokr_shape}[kind](s)
 

@@ -110,24 +110,19 @@ def is_pickle(path: str | Path) -> bool:
     return path.suffix.lower() in PICKLE_SUFFIXES
 
 
-def read_header(path: str | Path) -> Header:
-    """Parse and check the header of a safetensors file without reading tensor data."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CorruptFileError(path, f"file is {size} bytes, too short for a safetensors header", REEXPORT_FIX)
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, _MAX_HEADER):
-                raise CorruptFileError(
-                    path, f"truncated or not a safetensors file: header claims {n} bytes, {size - 8} follow",
-                    REEXPORT_FIX,
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise LoRAFileError(path, f"cannot read the file ({e.strerror or e})", "check the path and its permissions")
+def _header_length(path: Path, head: bytes, size: int) -> int:
+    if len(head) < 8:
+        raise CorruptFileError(path, f"file is {size} bytes, too short for a safetensors header", REEXPORT_FIX)
+    n = int.from_bytes(head[:8], "little")
+    if n > min(size - 8, _MAX_HEADER):
+        raise CorruptFileError(
+            path, f"truncated or not a safetensors file: header claims {n} bytes, {size - 8} follow", REEXPORT_FIX,
+        )
+    return n
+
+
+def _parse_header(path: Path, raw: bytes, size: int) -> tuple[Header, dict[str, tuple[int, int]]]:
+    """The checked header and each tensor's byte span in the data section."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -137,8 +132,8 @@ def read_header(path: str | Path) -> Header:
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptFileError(path, "safetensors metadata must map strings to strings (corrupt file)", REEXPORT_FIX)
-    data_size = size - 8 - n
-    tensors, spans = {}, []
+    data_size = size - 8 - len(raw)
+    tensors, spans = {}, {}
     for key, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
@@ -158,11 +153,58 @@ def read_header(path: str | Path) -> Header:
                 REEXPORT_FIX,
             )
         tensors[key] = (dtype, tuple(shape))
-        spans.append((begin, end))
-    spans.sort()
-    if any(b < e_prev for (_, e_prev), (b, _) in zip(spans, spans[1:])):
+        spans[key] = (begin, end)
+    ordered = sorted(spans.values())
+    if any(b < e_prev for (_, e_prev), (b, _) in zip(ordered, ordered[1:])):
         raise CorruptFileError(path, "tensors overlap in the data section (corrupt file)", REEXPORT_FIX)
-    return Header(metadata=dict(metadata), tensors=tensors, size=size)
+    return Header(metadata=dict(metadata), tensors=tensors, size=size), spans
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and check the header of a safetensors file without reading tensor data."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            n = _header_length(path, f.read(8), size)
+            raw = f.read(n)
+    except OSError as e:
+        raise LoRAFileError(path, f"cannot read the file ({e.strerror or e})", "check the path and its permissions")
+    return _parse_header(path, raw, size)[0]
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file from one read: the header checked as `read_header` does, each
+    float tensor a view of the file's bytes (no per-tensor copies; safetensors' `load_file` reads other dtypes).
+    Measured in `bench/retrieval.py`'s catalog scan."""
+    try:
+        size = path.stat().st_size
+        data = bytearray(size)
+        with open(path, "rb") as f:
+            got = f.readinto(data)
+    except OSError as e:
+        raise LoRAFileError(path, f"cannot read the file ({e.strerror or e})", "check the path and its permissions")
+    if got != size:
+        raise CorruptFileError(path, f"the file changed while it was read ({got} of {size} bytes)", REEXPORT_FIX)
+    n = _header_length(path, bytes(data[:8]), size)
+    header, spans = _parse_header(path, bytes(data[8:8 + n]), size)
+    if any(dtype not in _TORCH_DTYPES for dtype, _ in header.tensors.values()):
+        from safetensors.torch import load
+
+        try:
+            return load(bytes(data)), header.metadata
+        except Exception as e:  # safetensors raises its own error type for bad data
+            raise CorruptFileError(path, f"cannot load the tensors ({e})", REEXPORT_FIX) from None
+    tensors = {}
+    for key, (dtype, shape) in header.tensors.items():
+        begin, end = spans[key]
+        dt = _TORCH_DTYPES[dtype]
+        tensors[key] = (torch.frombuffer(data, dtype=dt, count=(end - begin) // dt.itemsize, offset=8 + n + begin)
+                        .reshape(shape) if end > begin else torch.zeros(shape, dtype=dt))
+    return tensors, header.metadata
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,6 +298,13 @@ def group_keys(keys: Iterable[str], fmt: str) -> tuple[dict[str, KeyGroup], list
     return groups, unknown
 
 
+@functools.lru_cache(maxsize=64)
+def grouped_keys(keys: tuple[str, ...], fmt: str) -> tuple[dict[str, KeyGroup], list[str]]:
+    """`group_keys` memoised per key set (the files of a library mostly share one); the result is shared: read
+    it, never change it."""
+    return group_keys(keys, fmt)
+
+
 def no_lora_error(path: Path) -> UnknownFormatError:
     return UnknownFormatError(
         path, "no LoRA tensors found (neither kohya, LyCORIS nor diffusers/PEFT names)",
@@ -308,7 +357,7 @@ def family_evidence(
     metadata = metadata or {}
     keys = list(shapes)
     fmt = detect_format(keys, metadata)
-    groups, _ = group_keys(keys, fmt)
+    groups, _ = grouped_keys(tuple(keys), fmt)
     dims = delta_shapes(groups, {k: tuple(v) for k, v in shapes.items()})
     found: tuple[str, str] | None = None
 
@@ -375,14 +424,7 @@ def load_tensors(path: Path, allow_pickle: bool) -> tuple[dict[str, torch.Tensor
         if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise UnknownFormatError(path, "the checkpoint is not a flat dict of tensors", "save a LoRA state dict")
         return {str(k): v for k, v in obj.items()}, {}
-    header = read_header(path)
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type, OSError or RuntimeError for bad data
-        raise CorruptFileError(path, f"cannot load the tensors ({e})", REEXPORT_FIX) from None
-    return tensors, header.metadata
+    return read_safetensors(path)
 
 
 def adapter_configs(path: Path, metadata: Mapping[str, str]) -> dict[str, dict]:
@@ -513,7 +555,7 @@ def read_lora(
     fmt = detect_format(tensors, metadata)
     if fmt == "unknown":
         raise no_lora_error(path)
-    groups, unknown = group_keys(tensors, fmt)
+    groups, unknown = grouped_keys(tuple(tensors), fmt)
     if unknown:
         raise UnknownFormatError(path, unsupported_reason(unknown), "convert it to a plain LoRA, LoCon, LoHa or LoKr")
     if not groups:
