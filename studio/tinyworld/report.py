@@ -93,7 +93,7 @@ def main() -> None:
         "",
         "Written by `python -m studio.tinyworld.report` from the training logs beside the assets.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m.get('torch')} (training used 2 threads on that CPU, no GPU).",
+        f"Seconds per image measured on: {m['cpu']}, {m['cores']} cores, torch {m.get('torch')}. Training ran on 2-core CPU VMs (2 threads; not always this one), no GPU.",
         "",
         "| component | parameters | training time | schedule | files | note |",
         "|---|---:|---:|---|---:|---|",
