@@ -2,24 +2,20 @@
 
 A catalog scan has already read, checked (finite values, shapes, family) and hashed each file with
 `studio.library.formats.read_lora`. Indexing only needs each module's factors and scale, so `read_factors`
-parses the safetensors container itself (one read, tensors as views of the bytes) and groups tensor names into
-modules with the library's `group_keys`, computed once per distinct key set (a library's files mostly share
+reads the container with the library's one-read `read_safetensors` (tensors as views of the bytes) and
+groups tensor names into modules with the library's `group_keys`, computed once per distinct key set (a library's files mostly share
 one). Plain LoRA/LoCon modules become ``(B, A, scale)`` triples; every other module goes through the library's
 own module builder, and anything unusual (pickles, odd dtypes, unknown keys) through `read_lora`.
 """
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 from typing import Union
 
-import torch
 
 from studio.library import formats
 from studio.library.canonical import LoRA, ModuleLoRA
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 Factors = Union[tuple, ModuleLoRA]  # (B (out, r), A (r, in'), scale) or a full module
 
@@ -54,41 +50,18 @@ def load_for_index(path: str | Path, family: str | None = None) -> LoRA:
 def _read_fast(path: Path, family: str | None):
     if path.suffix.lower() != ".safetensors":
         raise _Fallback
-    size = path.stat().st_size
-    data = bytearray(size)
-    with open(path, "rb") as f:
-        if f.readinto(data) != size:
-            raise _Fallback
-    n = int.from_bytes(data[:8], "little")
-    if n <= 0 or 8 + n > size:
-        raise _Fallback
     try:
-        header = json.loads(bytes(data[8:8 + n]).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise _Fallback from None
-    metadata = header.pop("__metadata__", None) or {}
-    base = 8 + n
-    keys = tuple(header)
+        tensors, metadata = formats.read_safetensors(path)
+    except formats.LoRAFileError:
+        raise _Fallback from None   # read_lora says what is wrong with the file
+    keys = tuple(tensors)
     fmt = formats.detect_format(keys, metadata)
     if fmt == "unknown":
         raise _Fallback
     groups, unknown = formats.grouped_keys(keys, fmt)
     if unknown or not groups:
         raise _Fallback
-
-    def tensor(key: str) -> torch.Tensor:
-        info = header[key]
-        dtype = _DTYPES.get(info.get("dtype"))
-        begin, end = info["data_offsets"]
-        shape = info["shape"]
-        if dtype is None or base + end > size:
-            raise _Fallback
-        count = (end - begin) // dtype.itemsize
-        if count != math.prod(shape):
-            raise _Fallback
-        if not count:
-            return torch.zeros(shape, dtype=dtype)
-        return torch.frombuffer(data, dtype=dtype, count=count, offset=base + begin).reshape(shape)
+    tensor = tensors.__getitem__
 
     configs = formats.adapter_configs(path, metadata) if fmt == "diffusers" else {}
     modules: dict[str, Factors] = {}
@@ -117,7 +90,7 @@ def _read_fast(path: Path, family: str | None):
         else:
             modules[name] = formats._build_module(path, name, group, {t: tensor(t) for t in k.values()}, fmt, config)
     if family is None:
-        family = formats.detect_family({key: tuple(v["shape"]) for key, v in header.items()}, metadata)
+        family = formats.detect_family({key: tuple(t.shape) for key, t in tensors.items()}, metadata)
     kept = {key: v for key, v in metadata.items()
             if key != formats.ADAPTER_METADATA_KEY and (key, v) != ("format", "pt")}
     return modules, family, kept
