@@ -12,10 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Union
 
-
 from studio.library import formats
 from studio.library.canonical import LoRA, ModuleLoRA
-
 
 Factors = Union[tuple, ModuleLoRA]  # (B (out, r), A (r, in'), scale) or a full module
 
