@@ -113,6 +113,10 @@ def test_judge_accuracy_table_meets_target():
     assert set(table["accuracy"]) == set(cat.LABEL_HEADS)
     for head, acc in table["accuracy"].items():
         assert acc >= 0.98, (head, acc)
+    # generated pictures pass through the VAE: the judge must read renders after that round trip too
+    assert set(table["accuracy_vae_roundtrip"]) == set(cat.LABEL_HEADS)
+    for head, acc in table["accuracy_vae_roundtrip"].items():
+        assert acc >= 0.93, (head, acc)
 
 
 def test_judge_reads_fresh_renders():

@@ -1,5 +1,11 @@
 """The TinyWorld judge: a small CNN that reads every attribute of a picture (subject, colour, background,
 clothing, style, object). Trained on renderer ground truth only (`python -m studio.tinyworld.judge train`).
+
+Generated pictures reach the judge through the pipeline's VAE decoder, which softens every edge: a judge that had
+seen only crisp renders read VAE round trips of held-out renders at clothing 0.88 and style 0.88 (renders: 0.98),
+and missed objects plainly drawn in generated samples. So part of each training batch is renders passed through
+TinyWorld's own VAE (encode, a perturbed latent, decode: `vae_roundtrip`), still renderer ground truth, never a
+generated sample; `accuracy.json` reports both held-out sets (`--init` fine-tunes a committed judge this way).
 """
 from __future__ import annotations
 
@@ -103,6 +109,24 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return x
 
 
+def vae_roundtrip(imgs: np.ndarray, model: str | Path, seed: int, max_noise: float = 0.3,
+                  batch: int = 250) -> np.ndarray:
+    """uint8 renders -> the same pictures after TinyWorld's VAE: encode, add Gaussian noise of a per-image level
+    drawn from [0, max_noise] (in units of the latents' std: a denoised latent is never exact), decode."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(imgs), batch), desc="VAE round trip", leave=False):
+            z = vae.encode(_prep(imgs[i: i + batch])).latent_dist.mean
+            level = torch.rand(len(z), 1, 1, 1, generator=gen) * max_noise * z.std()
+            x = vae.decode(z + level * torch.randn(z.shape, generator=gen)).sample
+            out.append(x.clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    return np.concatenate(out)
+
+
 def train(argv=None):
     from safetensors.torch import save_file
 
@@ -115,6 +139,10 @@ def train(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default="runs/judge")
     ap.add_argument("--out", default=str(DEFAULT_PATH))
+    ap.add_argument("--init", default=None, help="start from this judge folder (a fine-tune)")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--vae-share", type=float, default=0.5, help="share of each batch passed through the VAE")
+    ap.add_argument("--model", default=str(DEFAULT_PATH.parent / "tinyworld"), help="whose VAE")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     work = Path(args.work)
@@ -126,10 +154,21 @@ def train(argv=None):
 
     tr = cached(work / "train.npz", lambda: pack(21, 50000))
     va = cached(work / "val.npz", lambda: pack(22, 4000))
+    if args.vae_share:
+        tr_vae = cached(work / "train_vae.npz", lambda: {"x": vae_roundtrip(tr["x"], args.model, seed=23)})["x"]
+    va_vae = cached(work / "val_vae.npz", lambda: {"x": vae_roundtrip(va["x"], args.model, seed=24, max_noise=0)})["x"]
     torch.manual_seed(0)
     net = Judge(args.width)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=args.steps, pct_start=0.1)
+    history = []   # the training stages behind the starting judge
+    if args.init:
+        from safetensors.torch import load_file
+
+        net.load_state_dict(load_file(Path(args.init) / "judge.safetensors"))
+        prior = json.loads((Path(args.init) / "accuracy.json").read_text())
+        history = prior.get("stages") or [{"steps": prior["steps"], "train_seconds": prior["train_seconds"],
+                                           "vae_share": 0.0, "init": False}]
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     step, seconds = 0, 0.0
     ckpt = work / "ckpt.pt"
     if ckpt.exists():
@@ -144,7 +183,8 @@ def train(argv=None):
     while step < args.steps:
         t0 = time.time()
         idx = torch.randint(0, len(tr["x"]), (args.batch,), generator=gen)
-        x = _augment(_prep(tr["x"][idx.numpy()]), gen)
+        n_vae = int(round(args.vae_share * args.batch))
+        x = _augment(torch.cat([_prep(tr_vae[idx[:n_vae].numpy()]), _prep(tr["x"][idx[n_vae:].numpy()])]), gen)
         out = net(x)
         loss = sum(F.cross_entropy(out[k], torch.from_numpy(tr[k][idx.numpy()])) for k in LABEL_HEADS)
         opt.zero_grad(set_to_none=True)
@@ -160,18 +200,25 @@ def train(argv=None):
                         "seconds": seconds}, ckpt)
     bar.close()
     net.eval()
-    with torch.no_grad():
-        preds: dict[str, list] = {}
-        for i in range(0, len(va["x"]), 500):
-            for k, v in net(_prep(va["x"][i: i + 500])).items():
-                preds.setdefault(k, []).append(v.argmax(-1).numpy())
-    acc = {k: float((np.concatenate(preds[k]) == va[k]).mean()) for k in LABEL_HEADS}
+
+    def accuracy(x: np.ndarray) -> dict[str, float]:
+        with torch.no_grad():
+            preds: dict[str, list] = {}
+            for i in range(0, len(x), 500):
+                for k, v in net(_prep(x[i: i + 500])).items():
+                    preds.setdefault(k, []).append(v.argmax(-1).numpy())
+        return {k: float((np.concatenate(preds[k]) == va[k]).mean()) for k in LABEL_HEADS}
+
+    acc, acc_vae = accuracy(va["x"]), accuracy(va_vae)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(net.state_dict(), out / "judge.safetensors")
     (out / "config.json").write_text(json.dumps({"width": args.width, "heads": LABEL_HEADS}, indent=2))
-    report = {"heldout_renders": len(va["x"]), "accuracy": acc, "steps": step, "train_seconds": round(seconds, 1),
-              "params": sum(p.numel() for p in net.parameters()), "train_renders": len(tr["x"])}
+    report = {"heldout_renders": len(va["x"]), "accuracy": acc, "accuracy_vae_roundtrip": acc_vae,
+              "steps": step, "train_seconds": round(seconds, 1), "vae_share": args.vae_share, "lr": args.lr,
+              "params": sum(p.numel() for p in net.parameters()), "train_renders": len(tr["x"]),
+              "stages": history + [{"steps": step, "train_seconds": round(seconds, 1), "vae_share": args.vae_share,
+                                    "init": bool(args.init)}]}
     (out / "accuracy.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

@@ -73,6 +73,7 @@ def main() -> None:
     base = json.loads((tw / "training.json").read_text())
     stages = base.get("stages", []) + [base]   # train_base --init: earlier stages first
     judge = json.loads((ASSETS / "judge" / "accuracy.json").read_text())
+    judge_stages = judge.get("stages", [judge])
     spi, threads = seconds_per_image()
     m = machine()
     rows = [
@@ -85,7 +86,8 @@ def main() -> None:
         ("Text encoder (CLIPTextModel)", base["text_encoder_params"], None, "(joint)", _size(tw / "text_encoder"),
          "49 408-token embedding: most parameters are the vocabulary table"),
         ("Tokenizer (CLIPTokenizer)", 0, 0, "built offline", _size(tw / "tokenizer"), "ids equal open_clip's"),
-        ("Judge (CNN)", judge["params"], judge["train_seconds"], f"{judge['steps']} steps × 64",
+        ("Judge (CNN)", judge["params"], sum(s["train_seconds"] for s in judge_stages),
+         " then ".join(f"{s['steps']} steps × 64 ({s.get('vae_share', 0):.0%} VAE round trips)" for s in judge_stages),
          _size(ASSETS / "judge"), "min held-out accuracy " + f"{min(judge['accuracy'].values()):.4f}"),
     ]
     lines = [
@@ -115,12 +117,14 @@ def main() -> None:
         "",
         "## Judge accuracy on held-out renders",
         "",
-        "| head | accuracy |",
-        "|---|---:|",
+        "| head | renders | the same renders after TinyWorld's VAE |",
+        "|---|---:|---:|",
     ]
-    lines += [f"| {k} | {v:.4f} |" for k, v in judge["accuracy"].items()]
-    lines += ["", f"({judge['heldout_renders']} held-out renders; trained on {judge['train_renders']} renders, "
-                  "never on generated images.)", ""]
+    vae_acc = judge.get("accuracy_vae_roundtrip", {})
+    lines += [f"| {k} | {v:.4f} | {vae_acc[k]:.4f} |" if k in vae_acc else f"| {k} | {v:.4f} | — |"
+              for k, v in judge["accuracy"].items()]
+    lines += ["", f"({judge['heldout_renders']} held-out renders; trained on {judge['train_renders']} renders and "
+                  "their VAE round trips, never on generated images.)", ""]
     (ASSETS / "TINYWORLD.md").write_text("\n".join(lines))
     print("\n".join(lines))
 
