@@ -15,6 +15,9 @@ per LoRA, then the same clustering. Both are reported with the number of cluster
 the true number. `layers`: clustering quality (ARI at the true number of clusters) of each layer group and
 attention projection on its own: the measurement behind `retrieval.clustering.STYLE_LAYERS`.
 `seconds_10k`: clustering 10 000 synthetic 32-d descriptors (40 styles) on this machine.
+`style_shown`: how often the judge sees each style LoRA's own style in its image-baseline samples, by kind of
+LoRA (headline, community variant, trained on one narrow content): a family whose LoRAs never learned their style
+cannot be recovered from their weights either.
 """
 from __future__ import annotations
 
@@ -184,6 +187,13 @@ def main(argv=None):
         for set_name, idx in sets.items():
             result["image_baseline_by_set"][set_name] = evaluate(unit_pca(E[idx]), [concept[i] for i in idx])
         result["image_baseline"] = {k: result["image_baseline_by_set"]["styles"][k] for k in ("ari", "nmi", "k")}
+        shown: dict[str, list[float]] = {}
+        for i in sets["styles"]:
+            kind = labels[rels[i]].get("kind", "unknown")
+            shown.setdefault(kind, []).append(np.mean([p["style"] == concept[i] for p in judge.predict(images[i])]))
+        result["style_shown"] = {kind: {"mean": round(float(np.mean(v)), 3), "loras": len(v),
+                                        "at_least_half": int(sum(x >= 0.5 for x in v))} for kind, v in shown.items()}
+        print("style shown in its own samples", json.dumps(result["style_shown"]))
         print("images", json.dumps(result["image_baseline_by_set"]))
 
     # 10 000 LoRAs: synthetic 32-d descriptors around 40 style centres
