@@ -183,8 +183,11 @@ def train(argv=None):
     while step < args.steps:
         t0 = time.time()
         idx = torch.randint(0, len(tr["x"]), (args.batch,), generator=gen)
-        n_vae = int(round(args.vae_share * args.batch))
-        x = _augment(torch.cat([_prep(tr_vae[idx[:n_vae].numpy()]), _prep(tr["x"][idx[n_vae:].numpy()])]), gen)
+        n_vae = int(round(args.vae_share * args.batch))   # the first n_vae samples come as VAE round trips
+        x = _prep(tr["x"][idx.numpy()])
+        if n_vae:
+            x[:n_vae] = _prep(tr_vae[idx[:n_vae].numpy()])
+        x = _augment(x, gen)
         out = net(x)
         loss = sum(F.cross_entropy(out[k], torch.from_numpy(tr[k][idx.numpy()])) for k in LABEL_HEADS)
         opt.zero_grad(set_to_none=True)
