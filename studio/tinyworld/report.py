@@ -120,9 +120,7 @@ def main() -> None:
         "| head | renders | the same renders after TinyWorld's VAE |",
         "|---|---:|---:|",
     ]
-    vae_acc = judge.get("accuracy_vae_roundtrip", {})
-    lines += [f"| {k} | {v:.4f} | {vae_acc[k]:.4f} |" if k in vae_acc else f"| {k} | {v:.4f} | — |"
-              for k, v in judge["accuracy"].items()]
+    lines += [f"| {k} | {v:.4f} | {judge['accuracy_vae_roundtrip'][k]:.4f} |" for k, v in judge["accuracy"].items()]
     lines += ["", f"({judge['heldout_renders']} held-out renders; trained on {judge['train_renders']} renders and "
                   "their VAE round trips, never on generated images.)", ""]
     (ASSETS / "TINYWORLD.md").write_text("\n".join(lines))

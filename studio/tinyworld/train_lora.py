@@ -137,8 +137,9 @@ class LoRAJob:
     base_share: float = 0.3
     content: dict | None = None
     # kohya's --noise_offset. The committed headline LoRAs were trained at 0.1 on the base's first stage (before its
-    # offset-0.3 fine-tune); on the fine-tuned base they score mean concept 0.64 (bench/single_lora.py), while a
-    # retrain on it at 0.3 scored 0.53 (clothing 0.25 vs 0.49): they were kept, and 0.1 stays the default.
+    # offset-0.3 fine-tune); judged before the judge learned VAE round trips, they scored mean concept 0.64 on the
+    # fine-tuned base and a retrain on it at 0.3 scored 0.53 (clothing 0.25 vs 0.49): they were kept, and 0.1 stays
+    # the default. (With today's judge they score 0.754: bench/results/single_lora.json.)
     noise_offset: float = 0.1
     uncond_share: float = 0.6   # share of the base-only renders captioned "" (keeps the LoRA out of CFG's uncond)
     extra: dict = field(default_factory=dict)
