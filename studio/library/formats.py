@@ -11,6 +11,7 @@ Formats, by key naming:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .canonical import COMPONENTS, FAMILIES, LoRA, ModuleLoRA, delta_shape
@@ -123,6 +125,13 @@ def _header_length(path: Path, head: bytes, size: int) -> int:
 
 def _parse_header(path: Path, raw: bytes, size: int) -> tuple[Header, dict[str, tuple[int, int]]]:
     """The checked header and each tensor's byte span in the data section."""
+    header, spans, _ = _parse_header_layout(path, raw, size)
+    return header, spans
+
+
+def _parse_header_layout(path: Path, raw: bytes, size: int):
+    """`_parse_header` plus the layout: ((key, dtype, shape, begin, end), ...) in header order, hashable (files
+    with the same layout share the work that depends on it alone, see `_Layout`)."""
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
@@ -133,31 +142,45 @@ def _parse_header(path: Path, raw: bytes, size: int) -> tuple[Header, dict[str, 
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CorruptFileError(path, "safetensors metadata must map strings to strings (corrupt file)", REEXPORT_FIX)
     data_size = size - 8 - len(raw)
-    tensors, spans = {}, {}
+    tensors, spans, layout = {}, {}, []
+    sizes = _DTYPE_SIZES
     for key, info in header.items():
         try:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-            ok = (
-                dtype in _DTYPE_SIZES and isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)
-                and type(begin) is int and type(end) is int and 0 <= begin <= end
-            )
+            n = sizes.get(dtype)
+            ok = (n is not None and type(shape) is list and type(begin) is int and type(end) is int
+                  and 0 <= begin <= end)
+            if ok:
+                for d in shape:   # every dimension an int >= 0 (not a bool or a float), the byte count on the way
+                    if type(d) is not int or d < 0:
+                        ok = False
+                        break
+                    n *= d
         except (TypeError, KeyError, ValueError):
             ok = False
         if not ok:
             raise CorruptFileError(path, f"bad header entry for tensor {key!r} (corrupt file)", REEXPORT_FIX)
-        if end - begin != math.prod(shape) * _DTYPE_SIZES[dtype]:
+        if end - begin != n:
             raise CorruptFileError(path, f"tensor {key!r}: shape {shape} does not match its byte span", REEXPORT_FIX)
         if end > data_size:
             raise CorruptFileError(
                 path, f"truncated: tensor {key!r} ends at byte {end} but only {data_size} data bytes exist",
                 REEXPORT_FIX,
             )
-        tensors[key] = (dtype, tuple(shape))
+        shape = tuple(shape)
+        tensors[key] = (dtype, shape)
         spans[key] = (begin, end)
-    ordered = sorted(spans.values())
-    if any(b < e_prev for (_, e_prev), (b, _) in zip(ordered, ordered[1:])):
+        layout.append((key, dtype, shape, begin, end))
+    layout = tuple(layout)
+    if not _spans_disjoint(tuple(spans.values())):
         raise CorruptFileError(path, "tensors overlap in the data section (corrupt file)", REEXPORT_FIX)
-    return Header(metadata=dict(metadata), tensors=tensors, size=size), spans
+    return Header(metadata=dict(metadata), tensors=tensors, size=size), spans, layout
+
+
+@functools.lru_cache(maxsize=64)   # pure: a library's files mostly share their spans
+def _spans_disjoint(spans: tuple[tuple[int, int], ...]) -> bool:
+    ordered = sorted(spans)
+    return not any(b < e_prev for (_, e_prev), (b, _) in zip(ordered, ordered[1:]))
 
 
 def read_header(path: str | Path) -> Header:
@@ -174,12 +197,41 @@ def read_header(path: str | Path) -> Header:
 
 
 _TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+# a float is NaN or infinite exactly when all its exponent bits are set: (unsigned view, exponent mask) per dtype
+_EXPONENT_BITS = {"F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F32": (np.uint32, 0x7F800000),
+                  "F64": (np.uint64, 0x7FF0000000000000)}
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file from one read: the header checked as `read_header` does, each
-    float tensor a view of the file's bytes (no per-tensor copies; safetensors' `load_file` reads other dtypes).
-    Measured in `bench/retrieval.py`'s catalog scan."""
+@dataclass
+class _Container:
+    """A safetensors file read into memory with its checked header (see `_read_container`)."""
+
+    data: bytearray
+    start: int                       # first byte of the data section
+    header: Header
+    spans: dict[str, tuple[int, int]]
+    layout: tuple                    # ((key, dtype, shape, begin, end), ...)
+
+    @property
+    def torch_only(self) -> bool:
+        return all(dtype in _TORCH_DTYPES for dtype, _ in self.header.tensors.values())
+
+    def view(self, key: str) -> torch.Tensor:
+        """One float tensor as a view of the file's bytes (no copy)."""
+        dtype, shape = self.header.tensors[key]
+        begin, end = self.spans[key]
+        dt = _TORCH_DTYPES[dtype]
+        if end == begin:
+            return torch.zeros(shape, dtype=dt)
+        return torch.frombuffer(self.data, dtype=dt, count=(end - begin) // dt.itemsize,
+                                offset=self.start + begin).reshape(shape)
+
+    def views(self) -> dict[str, torch.Tensor]:
+        return {key: self.view(key) for key in self.header.tensors}
+
+
+def _read_container(path: Path) -> _Container:
+    """Read a safetensors file in one go and check its header (the errors of `read_safetensors`)."""
     try:
         size = path.stat().st_size
         data = bytearray(size)
@@ -190,21 +242,28 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     if got != size:
         raise CorruptFileError(path, f"the file changed while it was read ({got} of {size} bytes)", REEXPORT_FIX)
     n = _header_length(path, bytes(data[:8]), size)
-    header, spans = _parse_header(path, bytes(data[8:8 + n]), size)
-    if any(dtype not in _TORCH_DTYPES for dtype, _ in header.tensors.values()):
-        from safetensors.torch import load
+    header, spans, layout = _parse_header_layout(path, bytes(data[8:8 + n]), size)
+    return _Container(data, 8 + n, header, spans, layout)
 
-        try:
-            return load(bytes(data)), header.metadata
-        except Exception as e:  # safetensors raises its own error type for bad data
-            raise CorruptFileError(path, f"cannot load the tensors ({e})", REEXPORT_FIX) from None
-    tensors = {}
-    for key, (dtype, shape) in header.tensors.items():
-        begin, end = spans[key]
-        dt = _TORCH_DTYPES[dtype]
-        tensors[key] = (torch.frombuffer(data, dtype=dt, count=(end - begin) // dt.itemsize, offset=8 + n + begin)
-                        .reshape(shape) if end > begin else torch.zeros(shape, dtype=dt))
-    return tensors, header.metadata
+
+def _load_other_dtypes(path: Path, c: _Container) -> dict[str, torch.Tensor]:
+    """All tensors of a file that has some dtype torch views do not cover (safetensors' `load` copies them)."""
+    from safetensors.torch import load
+
+    try:
+        return load(bytes(c.data))
+    except Exception as e:  # safetensors raises its own error type for bad data
+        raise CorruptFileError(path, f"cannot load the tensors ({e})", REEXPORT_FIX) from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file from one read: the header checked as `read_header` does, each
+    float tensor a view of the file's bytes (no per-tensor copies; safetensors' `load` reads other dtypes).
+    Measured in `bench/retrieval.py`'s catalog scan."""
+    c = _read_container(path)
+    if not c.torch_only:
+        return _load_other_dtypes(path, c), c.header.metadata
+    return c.views(), c.header.metadata
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -213,13 +272,23 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
 
 def detect_format(keys: Iterable[str], metadata: Mapping[str, str] | None = None) -> str:
     """``kohya``, ``diffusers``, ``diffusers_old`` or ``unknown``, from the tensor names (and metadata)."""
-    keys = list(keys)
-    if any(k.startswith(tuple(p for p, _ in KOHYA_PREFIXES)) for k in keys):
+    fmt = _format_of_keys(tuple(keys))
+    if fmt == "unknown" and ADAPTER_METADATA_KEY in (metadata or {}):
+        return "diffusers"
+    return fmt
+
+
+_KOHYA_STARTS = tuple(p for p, _ in KOHYA_PREFIXES)
+_PEFT_MARKERS = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", *(f".{s}" for s in _LYCORIS_SUFFIXES))
+
+
+@functools.lru_cache(maxsize=64)   # pure: the files of a library mostly share one key set
+def _format_of_keys(keys: tuple[str, ...]) -> str:
+    if any(k.startswith(_KOHYA_STARTS) for k in keys):
         return "kohya"
     if any(_OLD_PROCESSOR.fullmatch(k) or ".lora.down." in k or ".lora_linear_layer." in k for k in keys):
         return "diffusers_old"
-    peft_markers = (".lora_A.", ".lora_B.", ".lora_magnitude_vector", *(f".{s}" for s in _LYCORIS_SUFFIXES))
-    if any(marker in k for k in keys for marker in peft_markers) or ADAPTER_METADATA_KEY in (metadata or {}):
+    if any(marker in k for k in keys for marker in _PEFT_MARKERS):
         return "diffusers"
     return "unknown"
 
@@ -355,10 +424,17 @@ def family_evidence(
 ) -> tuple[str, str, list[str]]:
     """(family, the evidence for it, warnings) from tensor names and shapes, then metadata."""
     metadata = metadata or {}
+    fmt = detect_format(shapes, metadata)
+    return _family_verdict(_tensor_family(tuple((k, tuple(v)) for k, v in shapes.items()), fmt), metadata)
+
+
+@functools.lru_cache(maxsize=64)   # pure: the files of a library mostly share their names and shapes
+def _tensor_family(items: tuple[tuple[str, tuple[int, ...]], ...], fmt: str) -> tuple[str, str] | None:
+    """(family, evidence) that the tensor names and shapes decide, or None."""
+    shapes = dict(items)
     keys = list(shapes)
-    fmt = detect_format(keys, metadata)
     groups, _ = grouped_keys(tuple(keys), fmt)
-    dims = delta_shapes(groups, {k: tuple(v) for k, v in shapes.items()})
+    dims = delta_shapes(groups, shapes)
     found: tuple[str, str] | None = None
 
     cross = sorted({s[1] for p, s in dims.items() if p.startswith("unet.") and re.search(r"attn2\.to_[kv]$", p)})
@@ -383,7 +459,10 @@ def family_evidence(
         elif widths := {s[1] for p, s in unet.items() if re.match(r"unet\.down_blocks\.0\.attentions\..*\.to_q$", p)}:
             width = min(widths)
             found = {320: "sd15", 32: "tinyworld"}.get(width, "unknown"), f"first attention width {width}"
+    return found
 
+
+def _family_verdict(found: tuple[str, str] | None, metadata: Mapping[str, str]) -> tuple[str, str, list[str]]:
     meta = _metadata_family(metadata)
     warnings = []
     if found is None:
@@ -551,7 +630,18 @@ def read_lora(
     if family is not None and family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
     path = Path(path)
-    tensors, metadata = load_tensors(path, allow_pickle)
+    if is_pickle(path):
+        tensors, metadata = load_tensors(path, allow_pickle)
+        return _lora_from_tensors(path, tensors, metadata, family, base_shapes)
+    c = _read_container(path)
+    if not c.torch_only:
+        return _lora_from_tensors(path, _load_other_dtypes(path, c), c.header.metadata, family, base_shapes)
+    return _lora_from_container(path, c, family, base_shapes)
+
+
+def _lora_from_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], family: str | None,
+                       base_shapes: Mapping[str, Sequence[int]] | None) -> LoRA:
+    """`read_lora` of loaded tensors (pickles, files with dtypes other than floats)."""
     fmt = detect_format(tensors, metadata)
     if fmt == "unknown":
         raise no_lora_error(path)
@@ -568,10 +658,180 @@ def read_lora(
     }
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
     detected, evidence, _ = family_evidence(shapes, metadata)
+    return _finish(path, modules, detected, evidence, metadata, fmt, family, base_shapes)
+
+
+def _finish(path: Path, modules: dict[str, ModuleLoRA], detected: str, evidence: str, metadata: Mapping[str, str],
+            fmt: str, family: str | None, base_shapes: Mapping[str, Sequence[int]] | None) -> LoRA:
     kept = {k: v for k, v in metadata.items() if k != ADAPTER_METADATA_KEY and (k, v) != ("format", "pt")}
     lora = LoRA(modules=modules, family=detected, metadata=kept, source_format=fmt)
     _check_base(path, lora, family, base_shapes, evidence)
     return lora
+
+
+# -- the same, faster, for safetensors files of float tensors: what depends on the layout alone (names, dtypes,
+# shapes and byte spans of the tensors) is worked out once per layout, and a library's files mostly share one.
+
+@dataclass
+class _ModuleSpec:
+    name: str
+    kind: str
+    factors: tuple[tuple[str, str], ...]    # (factor, tensor name)
+    alpha: int | None                       # the module's slot in `_Layout.alpha_keys`
+    peft: tuple[str, str, int] | None       # (component, module path, rank) when alpha comes from the adapter config
+    dora: str | None                        # tensor name of a DoRA magnitude
+    dora_shape: tuple[int, ...] | None      # ... and its shape in the canonical module (non-kohya files)
+
+
+class _Layout:
+    """What `read_lora` derives from a file's layout and format alone."""
+
+    def __init__(self, layout: tuple, fmt: str):
+        self.fmt = fmt
+        self.shapes = tuple((key, shape) for key, _, shape, _, _ in layout)
+        runs: dict[str, list[list[int]]] = {}   # float bytes per dtype, adjacent spans merged
+        for _, dtype, _, begin, end in sorted(layout, key=lambda t: t[3]):
+            if end > begin:
+                r = runs.setdefault(dtype, [])
+                if r and r[-1][1] == begin:
+                    r[-1][1] = end
+                else:
+                    r.append([begin, end])
+        self.runs = [(dtype, begin, end) for dtype, rs in runs.items() for begin, end in rs]
+        self.spans = {key: (dtype, begin) for key, dtype, _, begin, _ in layout}
+        self.tensors = {key: (_TORCH_DTYPES[dtype], (end - begin) // _DTYPE_SIZES[dtype], begin, shape)
+                        for key, dtype, shape, begin, end in layout}
+        self.modules: list[_ModuleSpec] | None = None   # set once a file of this layout has been read in full
+        self.alpha_keys: list[str] = []
+        self._family: tuple | None = None
+
+    @property
+    def family(self) -> tuple[str, str] | None:
+        if self._family is None:
+            self._family = (_tensor_family(self.shapes, self.fmt),)
+        return self._family[0]
+
+    def view(self, c: _Container, key: str) -> torch.Tensor:
+        """`_Container.view`, with what it looks up worked out already."""
+        dt, count, begin, shape = self.tensors[key]
+        if not count:
+            return torch.zeros(shape, dtype=dt)
+        return torch.frombuffer(c.data, dtype=dt, count=count, offset=c.start + begin).reshape(shape)
+
+    def finite(self, c: _Container) -> bool:
+        """Whether every tensor value is finite: one vectorised check of the exponent bits per run of bytes."""
+        for dtype, begin, end in self.runs:
+            uint, mask = _EXPONENT_BITS[dtype]
+            size = np.dtype(uint).itemsize
+            bits = np.frombuffer(c.data, dtype=uint, count=(end - begin) // size, offset=c.start + begin)
+            if ((bits & uint(mask)) == uint(mask)).any():
+                return False
+        return True
+
+    def learn(self, groups: Mapping[str, KeyGroup], shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Record the module recipe, after `_build_module` accepted every module of a file with this layout."""
+        specs, alpha_keys = [], []
+        for name, group in sorted(groups.items()):
+            factors = tuple((f, k) for f, k in group.keys.items() if f not in ("alpha", "dora_scale"))
+            kind = group.module_kind(shapes)
+            alpha = peft = dora_shape = None
+            if "alpha" in group.keys:
+                alpha = len(alpha_keys)
+                alpha_keys.append(group.keys["alpha"])
+            elif self.fmt != "kohya" and kind in ("lora", "locon"):
+                component, module = name.split(".", 1)
+                peft = component, module, shapes[group.keys["down"]][0] if "down" in group.keys else 1
+            dora = group.keys.get("dora_scale")
+            if dora is not None and self.fmt != "kohya":
+                out = shapes[group.keys["up"]][0] if "up" in group.keys else math.prod(shapes[dora])
+                ndim = len(shapes[group.keys["down"]]) if "down" in group.keys else 2
+                dora_shape = (out, *[1] * (ndim - 1))
+            specs.append(_ModuleSpec(name, kind, factors, alpha, peft, dora, dora_shape))
+        self.alpha_keys = alpha_keys
+        self.modules = specs
+
+    def alphas(self, c: _Container) -> list[float]:
+        """The alpha scalars of a file, read straight from its bytes (as ``float(tensor.item())`` gives them)."""
+        if not self.alpha_keys:
+            return []
+        by_dtype: dict[str, list[int]] = {}
+        for k in self.alpha_keys:
+            by_dtype.setdefault(self.spans[k][0], []).append(k)
+        raw = np.frombuffer(c.data, dtype=np.uint8)
+        values: dict[str, float] = {}
+        for dtype, keys in by_dtype.items():
+            size = _DTYPE_SIZES[dtype]
+            begins = np.array([self.spans[k][1] for k in keys], dtype=np.int64) + c.start
+            grabbed = np.ascontiguousarray(raw[begins[:, None] + np.arange(size)])
+            if dtype == "BF16":
+                floats = (grabbed.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            else:
+                floats = grabbed.view({"F16": np.float16, "F32": np.float32, "F64": np.float64}[dtype])
+            values.update(zip(keys, floats.reshape(-1).tolist()))
+        return [values[k] for k in self.alpha_keys]
+
+
+@functools.lru_cache(maxsize=64)
+def _layout_plan(layout: tuple, fmt: str) -> _Layout:
+    return _Layout(layout, fmt)
+
+
+_MODULE_FIELDS_KNOWN = [f.name for f in dataclasses.fields(ModuleLoRA)] == ["kind", "factors", "alpha", "dora_scale"]
+
+
+def _checked_module(kind: str, factors: dict[str, torch.Tensor], alpha: float | None,
+                    dora: torch.Tensor | None) -> ModuleLoRA:
+    """A `ModuleLoRA` whose checks (factor dtypes and shapes, DoRA shape: all fixed by the layout) already passed
+    for another file of the same layout, so they are not run again."""
+    if not _MODULE_FIELDS_KNOWN:   # ModuleLoRA changed its fields: construct it the ordinary way
+        return ModuleLoRA(kind, factors, alpha, dora)
+    module = object.__new__(ModuleLoRA)
+    module.kind, module.factors, module.alpha, module.dora_scale = kind, factors, alpha, dora
+    return module
+
+
+def _lora_from_container(path: Path, c: _Container, family: str | None,
+                         base_shapes: Mapping[str, Sequence[int]] | None) -> LoRA:
+    """`_lora_from_tensors` for a safetensors file of float tensors, with the same checks and errors."""
+    metadata = c.header.metadata
+    keys = tuple(c.header.tensors)
+    fmt = detect_format(keys, metadata)
+    if fmt == "unknown":
+        raise no_lora_error(path)
+    groups, unknown = grouped_keys(keys, fmt)
+    if unknown:
+        raise UnknownFormatError(path, unsupported_reason(unknown), "convert it to a plain LoRA, LoCon, LoHa or LoKr")
+    if not groups:
+        raise UnknownFormatError(path, "the file holds no LoRA modules", "check that this is the file you meant")
+    plan = _layout_plan(c.layout, fmt)
+    if not plan.finite(c):
+        _check_finite(path, c.views())   # names the tensors
+    configs = adapter_configs(path, metadata) if fmt == "diffusers" else {}
+    if plan.modules is None:   # the first file of this layout: every module built and checked in full
+        tensors = c.views()
+        modules = {
+            name: _build_module(path, name, group, tensors, fmt, configs.get(name.split(".", 1)[0], {}))
+            for name, group in sorted(groups.items())
+        }
+        plan.learn(groups, dict(plan.shapes))
+    else:
+        alphas = plan.alphas(c)
+        view = functools.partial(plan.view, c)
+        modules = {}
+        for m in plan.modules:
+            alpha = alphas[m.alpha] if m.alpha is not None else None
+            if m.peft is not None:
+                alpha = peft_alpha(configs.get(m.peft[0], {}), m.peft[1], m.peft[2])
+            dora = None
+            if m.dora is not None:
+                dora = view(m.dora)
+                if m.dora_shape is not None:
+                    dora = dora.reshape(m.dora_shape)
+            modules[m.name] = _checked_module(m.kind, {f: view(k) for f, k in m.factors}, alpha, dora)
+            if alpha is not None and not math.isfinite(alpha):
+                raise NonFiniteError(path, f"module {m.name}: alpha is {alpha}", REEXPORT_FIX)
+    detected, evidence, _ = _family_verdict(plan.family, metadata)
+    return _finish(path, modules, detected, evidence, metadata, fmt, family, base_shapes)
 
 
 # --------------------------------------------------------------------------------------------------------------
