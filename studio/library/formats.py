@@ -133,15 +133,25 @@ def _parse_header_layout(path: Path, raw: bytes, size: int):
     """`_parse_header` plus the layout: ((key, dtype, shape, begin, end), ...) in header order, hashable (files
     with the same layout share the work that depends on it alone, see `_Layout`)."""
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptFileError(path, "safetensors header is not valid JSON (corrupt file)", REEXPORT_FIX) from None
+    data_size = size - 8 - len(raw)
+    split = _split_metadata(text)
+    known = _CHECKED_TENSORS.get((split[1], data_size)) if split is not None else None
+    if known is not None:   # the tensor entries of an earlier file, character for character: checked already
+        metadata = split[0] or {}
+        _check_metadata(path, metadata)
+        tensors, spans, layout = known
+        return Header(metadata=dict(metadata), tensors=dict(tensors), size=size), dict(spans), layout
+    try:
+        header = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
         raise CorruptFileError(path, "safetensors header is not valid JSON (corrupt file)", REEXPORT_FIX) from None
     if not isinstance(header, dict):
         raise CorruptFileError(path, "safetensors header is not a JSON object (corrupt file)", REEXPORT_FIX)
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CorruptFileError(path, "safetensors metadata must map strings to strings (corrupt file)", REEXPORT_FIX)
-    data_size = size - 8 - len(raw)
+    _check_metadata(path, metadata)
     tensors, spans, layout = {}, {}, []
     sizes = _DTYPE_SIZES
     for key, info in header.items():
@@ -174,7 +184,56 @@ def _parse_header_layout(path: Path, raw: bytes, size: int):
     layout = tuple(layout)
     if not _spans_disjoint(tuple(spans.values())):
         raise CorruptFileError(path, "tensors overlap in the data section (corrupt file)", REEXPORT_FIX)
-    return Header(metadata=dict(metadata), tensors=tensors, size=size), spans, layout
+    if split is not None:
+        _remember_tensors(split[1], data_size, tensors, spans, layout)
+    return Header(metadata=dict(metadata), tensors=dict(tensors), size=size), dict(spans), layout
+
+
+def _check_metadata(path: Path, metadata) -> None:
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptFileError(path, "safetensors metadata must map strings to strings (corrupt file)", REEXPORT_FIX)
+
+
+# Headers that start with their metadata (as safetensors writes them) are remembered by the text that follows the
+# metadata: a library's files mostly repeat it exactly (same tensor names, dtypes, shapes, offsets), and then only
+# the metadata needs parsing. {(text after the metadata, data section size): (tensors, spans, layout)}, checked.
+_METADATA_FIRST = '{"__metadata__":'
+_JSON_DECODER = json.JSONDecoder()
+_CHECKED_TENSORS: dict[tuple[str, int], tuple] = {}
+_CHECKED_MAX = 16
+_JSON_SPACE = " \t\n\r"
+
+
+def _split_metadata(text: str) -> tuple[object, str] | None:
+    """(the metadata value, the text after it) of a header that starts with ``{"__metadata__":``, else None."""
+    if not text.startswith(_METADATA_FIRST):
+        return None
+    try:
+        value, end = _JSON_DECODER.raw_decode(text, len(_METADATA_FIRST))
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    return value, text[end:]
+
+
+def _remember_tensors(rest: str, data_size: int, tensors: dict, spans: dict, layout: tuple) -> None:
+    """Remember a checked header's tensor entries by the text after its metadata, when that text holds exactly
+    those entries (no second ``__metadata__``): any header made of a metadata value and this text then parses to
+    that metadata and these entries."""
+    tail = rest.lstrip(_JSON_SPACE)
+    try:
+        if tail.startswith(","):
+            entries = json.loads("{" + tail[1:])
+        elif tail.startswith("}") and not tail[1:].strip(_JSON_SPACE):
+            entries = {}
+        else:
+            return
+    except (json.JSONDecodeError, RecursionError):
+        return
+    if not isinstance(entries, dict) or "__metadata__" in entries or list(entries) != list(tensors):
+        return
+    if len(_CHECKED_TENSORS) >= _CHECKED_MAX:
+        del _CHECKED_TENSORS[next(iter(_CHECKED_TENSORS))]
+    _CHECKED_TENSORS[(rest, data_size)] = (dict(tensors), dict(spans), layout)
 
 
 @functools.lru_cache(maxsize=64)   # pure: a library's files mostly share their spans
