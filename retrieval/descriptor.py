@@ -348,6 +348,10 @@ class WeightDescriptor:
 
     def raw(self, blocks: Blocks, layout: Sequence[str]) -> np.ndarray:
         b = self.config.block
+        if layout and len(blocks) == len(layout) and all(a == n for a, n in zip(blocks, layout)):   # its order
+            values = list(blocks.values())
+            if all(v.shape == (b,) for v in values):
+                return _unit(np.concatenate(values).astype(np.float32, copy=False))
         out = np.zeros(len(layout) * b, dtype=np.float32)
         for i, name in enumerate(layout):
             block = blocks.get(name)
@@ -411,9 +415,28 @@ class WeightDescriptor:
         out[: y.shape[0]] = y
         return _unit(out)
 
+    def vectors(self, items: Sequence) -> np.ndarray:
+        """`vector` of many LoRAs, (n, dim): the LoRAs of a fitted family share one matrix product."""
+        out = np.zeros((len(items), self.dim), dtype=np.float32)
+        by_family: dict[str, list[tuple[int, dict]]] = {}
+        for i, item in enumerate(items):
+            blocks, family = self.blocks(item)
+            if family in self.components and self.layouts.get(family):
+                by_family.setdefault(family, []).append((i, blocks))
+            else:
+                out[i] = self.vector((blocks, family))
+        for family, rows in by_family.items():
+            layout = self.layouts[family]
+            X = np.stack([self.raw(blocks, layout) for _, blocks in rows])
+            Y = (X - self.means[family]) @ self.components[family].T
+            V = np.zeros((len(rows), self.dim), dtype=np.float32)
+            V[:, :Y.shape[1]] = Y
+            V /= np.maximum(np.linalg.norm(V, axis=1, keepdims=True), _EPS)
+            out[[i for i, _ in rows]] = V
+        return out
+
     def transform(self, items: Iterable) -> np.ndarray:
-        rows = [self.vector(item) for item in items]
-        return np.stack(rows) if rows else np.zeros((0, self.dim), dtype=np.float32)
+        return self.vectors(list(items))
 
     def fit_transform(self, items: Sequence) -> np.ndarray:
         items = [self.blocks(i) for i in items]
@@ -457,3 +480,33 @@ class WeightDescriptor:
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return (x / max(float(np.linalg.norm(x)), _EPS)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- catalog hook
+BLOCKS_VERSION = 1   # raise whenever `raw_blocks_many` would give other blocks for the same LoRA
+
+
+def blocks_fingerprint(cfg: DescriptorConfig) -> str:
+    """What raw blocks depend on: the settings that shape them (not PCA's) and `BLOCKS_VERSION`. Blocks stored with
+    another fingerprint are not used."""
+    shaping = {"version": BLOCKS_VERSION, "sketch": cfg.sketch, "top_k": cfg.top_k, "seed": cfg.seed,
+               "spectrum_weight": cfg.spectrum_weight, "norm_weight": cfg.norm_weight}
+    return "blocks:" + hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stored_blocks(blocks: Mapping[str, np.ndarray], cfg: DescriptorConfig) -> tuple[list[str], np.ndarray]:
+    """(names, (n, block) float16): raw blocks as the catalog stores them and the index uses them, whether read
+    back from the catalog or computed from the file (so both give the same vectors)."""
+    names = list(blocks)
+    if not names:
+        return names, np.zeros((0, cfg.block), np.float16)
+    return names, np.stack([blocks[n] for n in names]).astype(np.float16)
+
+
+def catalog_features(loras: Sequence[LoRA], cfg: DescriptorConfig | None = None) -> list[tuple[str, list[str], np.ndarray]]:
+    """The catalog scan's features hook (`studio.library.catalog.DEFAULT_FEATURES`): per LoRA, (fingerprint, module
+    names, raw blocks float16) for `cfg` (the default descriptor), from the LoRAs the scan has just read."""
+    cfg = cfg or DescriptorConfig()
+    fingerprint = blocks_fingerprint(cfg)
+    packed = pack_svds(list(loras), max(cfg.top_k, 1))
+    return [(fingerprint, *stored_blocks(blocks, cfg)) for blocks in raw_blocks_many(packed, cfg)]

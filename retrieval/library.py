@@ -14,6 +14,10 @@ fingerprints of the embedder, encoder and descriptor, calibration) and ``catalog
 (descriptor layouts and PCA). `refresh` adds and removes only what changed in the catalog; a missing, corrupt
 or incompatible index is rebuilt from the catalog (so is a family that has grown past twice the size its
 descriptor PCA was fitted on).
+
+The descriptor's raw blocks come from the catalog when its scan stored them for this descriptor's settings
+(`descriptor.blocks_fingerprint`) and the same tensors; only the other LoRAs' files are read (and, with an encoder,
+the files of the LoRAs it encodes: it needs their factors). Both ways give the same blocks (float16).
 Family is a hard filter in every search: LoRAs of another family are never candidates.
 """
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .descriptor import DescriptorConfig, WeightDescriptor, pack_svds, raw_blocks_many
+from .descriptor import DescriptorConfig, WeightDescriptor, blocks_fingerprint, pack_svds, raw_blocks_many, stored_blocks
 from .index import VectorIndex, atomic_write
 from .loading import read_factors
 from .text import LexicalIndex, Metadata, TextEmbedder, stems
@@ -106,7 +110,8 @@ class LibraryIndex:
     def __init__(self, catalog, *, text_embedder: TextEmbedder | None = None, encoder=None,
                  descriptor_config: DescriptorConfig | None = None, ivf_threshold: int = 50_000,
                  fusion: dict[str, float] | None = None, include_unknown_family: bool = False,
-                 workers: int | None = None):
+                 workers: int | None = None, stored_features: bool = True):
+        """`stored_features`: use the descriptor blocks the catalog scan stored (False: read every file)."""
         self.catalog = catalog
         base = Path(catalog.db_path)
         self.index_path = base.with_name(base.name + ".faiss")
@@ -127,6 +132,7 @@ class LibraryIndex:
         self.fusion = dict(DEFAULT_FUSION, **(fusion or {}))
         self.include_unknown_family = include_unknown_family
         self.workers = workers
+        self.stored_features = stored_features
         self.entries: dict[int, IndexedEntry] = {}
         self.vectors: dict[str, VectorIndex] = {}
         self.members: dict[str, set[int]] = {}
@@ -286,7 +292,7 @@ class LibraryIndex:
             n_fit = cfg.fit_size(max(e.n_modules or 1 for e in group))
             first += group[:n_fit]
             rest += group[n_fit:]
-        with self._featurizer(len(entries)) as run:
+        with self._featurizer(entries) as run:
             results = list(run(first))
             self.descriptor.fit([(r.block_map(j), e.family) for r, _ in results for j, e in enumerate(r.entries)])
             for r, _ in results:
@@ -300,16 +306,26 @@ class LibraryIndex:
         return report
 
     def _add_entries(self, entries: Sequence, report: RefreshReport) -> None:
-        with self._featurizer(len(entries)) as run:
+        with self._featurizer(entries) as run:
             for r, _ in run(entries):
                 self._add_features(r, report)
 
     def _top_k(self) -> int:
         return max(self.descriptor.config.top_k, self.encoder.config.top_k if self.encoder is not None else 1)
 
-    def _featurizer(self, n: int):
-        """Context manager giving ``run(entries) -> [(Features, None)]``, in worker processes when it pays."""
-        return _FeaturizerPool(self, n)
+    def _featurizer(self, entries: Sequence):
+        """Context manager giving ``run(entries) -> [(Features, None)]`` for (a subset of) `entries`: blocks stored
+        by the catalog where they fit, files read (in worker processes when it pays) for the others."""
+        return _FeaturizerPool(self, entries)
+
+    def _stored(self, entries: Sequence) -> dict[int, str]:
+        """{id: tensor hash} of the entries whose descriptor blocks can come from the catalog."""
+        if not self.stored_features or not hasattr(self.catalog, "feature_ids"):
+            return {}
+        found = self.catalog.feature_ids(blocks_fingerprint(self.descriptor.config))
+        fam = self.encoder.config.family if self.encoder is not None else None
+        return {e.id: e.tensor_hash for e in entries if found.get(e.id) == e.tensor_hash and e.tensor_hash
+                and (fam is None or fam not in ("unknown", e.family))}   # the encoder needs the factors
 
     def _add_features(self, r: Features, report: RefreshReport) -> None:
         report.failed += r.failed
@@ -318,7 +334,7 @@ class LibraryIndex:
         ids = np.array([e.id for e in r.entries], dtype=np.int64)
         fams = [e.family for e in r.entries]
         metas = [Metadata.of(e) for e in r.entries]
-        desc = np.stack([self.descriptor.vector((r.block_map(j), e.family)) for j, e in enumerate(r.entries)])
+        desc = self.descriptor.vectors([(r.block_map(j), e.family) for j, e in enumerate(r.entries)])
         self._add("descriptor", ids, desc, fams)
         if r.meta_vecs is not None:
             has = np.array([m.has_text for m in metas])
@@ -552,8 +568,9 @@ class _Worker:
             return out
         packed = pack_svds(loaded, self.top_k)
         for blocks in raw_blocks_many(packed, self.cfg):
-            out.names.append(list(blocks))
-            out.blocks.append(np.stack(list(blocks.values())) if blocks else np.zeros((0, self.cfg.block), np.float32))
+            names, stacked = stored_blocks(blocks, self.cfg)   # float16, as the catalog stores them
+            out.names.append(names)
+            out.blocks.append(stacked)
         if self.encoder is not None:
             fam = self.encoder.config.family
             out.encoded = [j for j, e in enumerate(out.entries) if fam in ("unknown", e.family)]
@@ -599,21 +616,25 @@ def default_workers() -> int:
 
 
 class _FeaturizerPool:
-    """``with _FeaturizerPool(lib, n) as run: run(entries)``: chunks of files featurised in order, in worker
-    processes when there are many files, with the main process embedding the metadata text meanwhile."""
+    """``with _FeaturizerPool(lib, entries) as run: run(chunk)``: chunks of entries featurised in order; descriptor
+    blocks the catalog stored are read from it here, the other files are read in worker processes when there are
+    many, with the main process embedding the metadata text meanwhile."""
 
     CHUNK = 128
     MIN_FILES_FOR_POOL = 384
 
-    def __init__(self, lib: LibraryIndex, n: int, workers: int | None = None):
+    def __init__(self, lib: LibraryIndex, entries: Sequence, workers: int | None = None):
         self.lib = lib
         enc = lib.encoder
         blob = None
         if enc is not None:
             blob = (asdict(enc.config), {k: v.detach().clone() for k, v in enc.state_dict().items()})
         self.args = (lib._top_k(), lib.descriptor.config, blob)
+        self.stored = lib._stored(entries)
+        self.fingerprint = blocks_fingerprint(lib.descriptor.config)
+        n_read = sum(e.id not in self.stored for e in entries)
         self.workers = workers if workers is not None else getattr(lib, "workers", None) or default_workers()
-        self.use_pool = self.workers > 1 and n >= self.MIN_FILES_FOR_POOL
+        self.use_pool = self.workers > 1 and n_read >= self.MIN_FILES_FOR_POOL
         self.pool = None
         self.local = None
         self.seen: dict[str, np.ndarray] = {}
@@ -624,8 +645,6 @@ class _FeaturizerPool:
 
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_init_worker, initargs=(self.args, os.getpid()))
-        else:
-            self.local = _Worker(*self.args)
         return self.run
 
     def __exit__(self, *exc):
@@ -643,18 +662,66 @@ class _FeaturizerPool:
             self.seen.update(zip(new, text.encode(new)))
         return np.stack([self.seen[t] for t in texts]) if texts else np.zeros((0, text.dim), np.float32)
 
+    def _read(self, entries, meta_vecs, joint):
+        """Features of entries whose files must be read: a future (worker process) or a done value (here)."""
+        if self.pool is not None:
+            return self.pool.submit(_run_worker, entries, meta_vecs, joint)
+        if self.local is None:
+            self.local = _Worker(*self.args)
+        return self.local.run(entries, meta_vecs, joint)
+
+    def _split(self, chunk):
+        """(stored blocks {id: StoredFeatures}, indices of the chunk's entries whose files must be read)."""
+        ids = [e.id for e in chunk if e.id in self.stored]
+        found = self.lib.catalog.stored_features(ids, self.fingerprint) if ids else {}
+        found = {i: f for i, f in found.items() if f.tensor_hash == self.stored[i]}
+        return found, [j for j, e in enumerate(chunk) if e.id not in found]
+
     def run(self, entries: Sequence):
         """Yields (Features, None) per chunk, in order."""
-        chunks = [entries[i:i + self.CHUNK] for i in range(0, len(entries), self.CHUNK)]
         joint = "joint" in self.lib.vectors
-        if self.pool is None:
-            for c in chunks:
-                yield self.local.run(c, self._meta(c), joint), None
-            return
         pending = []
-        for c in chunks:  # keep a few chunks in flight; embed the next chunk's text while workers read files
-            pending.append(self.pool.submit(_run_worker, c, self._meta(c), joint))
-            while len(pending) > 2 * self.workers:
-                yield pending.pop(0).result(), None
-        for f in pending:
-            yield f.result(), None
+        for start in range(0, len(entries), self.CHUNK):
+            c = entries[start:start + self.CHUNK]
+            meta = self._meta(c)
+            found, to_read = self._split(c)
+            read = None
+            if to_read:   # keep a few chunks in flight; embed the next chunk's text while workers read files
+                read = self._read([c[j] for j in to_read], meta[to_read] if meta is not None else None, joint)
+            pending.append((c, meta, found, read))
+            while len(pending) > (2 * self.workers if self.pool is not None else 0):
+                yield _merge(*pending.pop(0)), None
+        for item in pending:
+            yield _merge(*item), None
+
+
+def _merge(chunk, meta, found, read) -> Features:
+    """One chunk's Features, in the chunk's order, from stored blocks (`found`) and the files read (`read`: Features
+    of the other entries, or a future of them)."""
+    if read is not None and not isinstance(read, Features):
+        read = read.result()
+    if not found and read is not None:
+        return read   # every file read: already in the chunk's order
+    out = Features(entries=[], meta_vecs=None, failed=list(read.failed) if read is not None else [])
+    from_file = {e.id: k for k, e in enumerate(read.entries)} if read is not None else {}
+    was_encoded = set(read.encoded) if read is not None else set()
+    keep = []
+    for j, e in enumerate(chunk):
+        if e.id in found:
+            names, blocks = found[e.id].names, found[e.id].blocks
+        elif e.id in from_file:
+            k = from_file[e.id]
+            names, blocks = read.names[k], read.blocks[k]
+            if k in was_encoded:   # rows of read.weights / read.joint, in the same order
+                out.encoded.append(len(out.entries))
+        else:
+            continue   # its file could not be read (said so in `failed`)
+        out.entries.append(e)
+        out.names.append(names)
+        out.blocks.append(blocks)
+        keep.append(j)
+    if meta is not None:
+        out.meta_vecs = meta[keep] if keep else meta[:0]
+    if out.encoded:
+        out.weights, out.joint = read.weights, read.joint
+    return out

@@ -25,7 +25,11 @@ def check_consistent(db_path: Path) -> sqlite3.Connection:
     """Integrity check plus the catalog's own invariants; returns an open connection."""
     db = sqlite3.connect(db_path)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    # stored features belong to a readable row with the same tensors, and their layout exists
+    assert db.execute("SELECT COUNT(*) FROM features f LEFT JOIN loras l ON l.id = f.lora_id LEFT JOIN feature_layouts"
+                      " fl ON fl.id = f.layout WHERE l.id IS NULL OR l.status = 'quarantined' OR"
+                      " l.tensor_hash != f.tensor_hash OR fl.id IS NULL").fetchone()[0] == 0
     rows = db.execute("SELECT id, status, duplicate_of, tensor_hash, file_sha256, family, n_modules, reason, fix,"
                       " trigger_words, metadata FROM loras").fetchall()
     by_id = {r[0]: r for r in rows}
@@ -260,3 +264,73 @@ def test_a_pool_scan_from_an_unguarded_script_falls_back_to_one_process(tmp_path
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
                          cwd=str(Path(__file__).resolve().parents[1]))
     assert f"ADDED {n} True" in out.stdout, out.stdout + out.stderr[-2000:]
+
+
+def test_scan_stores_descriptor_features_with_each_row(tmp_path, library):
+    """Every readable file gets the weight descriptor's raw blocks, computed from the LoRA the scan read; they are
+    replaced, and deleted, together with the file's row."""
+    import numpy as np
+
+    from retrieval.descriptor import DescriptorConfig, blocks_fingerprint, lora_svds, raw_blocks
+
+    cfg = DescriptorConfig()
+    fp = blocks_fingerprint(cfg)
+    db_path = tmp_path / "catalog.db"
+    with Catalog(db_path) as catalog:
+        catalog.scan(library)
+        assert catalog.feature_ids(fp) == {e.id: e.tensor_hash for e in catalog.all()}   # duplicates too
+        assert catalog.feature_ids("blocks:another-config") == {}
+        zqx = catalog.get("zqx")
+        stored = catalog.stored_features([zqx.id], fp)[zqx.id]
+        ref = raw_blocks(lora_svds(catalog.load(zqx.id), cfg.top_k), cfg)
+        assert stored.names == list(ref) and stored.blocks.dtype == np.float16
+        assert stored.blocks.shape == (zqx.n_modules, cfg.block)
+        assert np.allclose(stored.blocks, np.stack(list(ref.values())), atol=2e-3)
+
+        xl = catalog.get("xl")
+        small_kohya_file(library / "xl.safetensors", seed=9)   # new content: new features in the same row
+        catalog.scan(library)
+        assert catalog.get("xl").id == xl.id
+        assert catalog.feature_ids(fp)[xl.id] == catalog.get("xl").tensor_hash != xl.tensor_hash
+        assert len(catalog.stored_features([xl.id], fp)[xl.id].names) == catalog.get("xl").n_modules
+
+        (library / "xl.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")   # quarantined
+        catalog.scan(library)
+        assert xl.id not in catalog.feature_ids(fp)
+        (library / "sd15_diffusers.safetensors").unlink()   # gone
+        sd15 = catalog.get("sd15_diffusers").id
+        catalog.scan(library)
+        assert sd15 not in catalog.feature_ids(fp)
+    check_consistent(db_path)
+    with Catalog(tmp_path / "bare.db", features=None) as catalog:   # no hook: no features
+        catalog.scan(library)
+        assert catalog.all() and catalog.feature_ids(fp) == {}
+
+
+def test_a_version_1_catalog_opens_and_is_migrated(tmp_path, library):
+    """A catalog written before features existed (schema 1: no features tables) opens as it is: the tables are
+    added, its rows have no features until their files change or are read again; a newer schema is refused."""
+    from retrieval.descriptor import DescriptorConfig, blocks_fingerprint
+
+    fp = blocks_fingerprint(DescriptorConfig())
+    db_path = tmp_path / "catalog.db"
+    with Catalog(db_path, features=None) as catalog:
+        catalog.scan(library)
+        before = {e.id: (e.path, e.status, e.tensor_hash) for e in catalog.all() + catalog.quarantined()}
+    with sqlite3.connect(db_path) as db:   # what the schema-1 code wrote: the same loras table, nothing else
+        db.execute("DROP TABLE features")
+        db.execute("DROP TABLE feature_layouts")
+        db.execute("UPDATE schema_version SET version = 1")
+    with Catalog(db_path) as catalog:
+        assert {e.id: (e.path, e.status, e.tensor_hash) for e in catalog.all() + catalog.quarantined()} == before
+        assert catalog.feature_ids(fp) == {}
+        assert catalog.scan(library).unchanged == 7   # nothing re-read
+        zqx = library / "styles" / "zqx.safetensors"
+        os.utime(zqx, ns=(time.time_ns(), time.time_ns() + 10**9))   # touched: read again, same content
+        catalog.scan(library)
+        assert set(catalog.feature_ids(fp)) == {catalog.get("zqx").id}
+    check_consistent(db_path)
+    with sqlite3.connect(db_path) as db:
+        db.execute("UPDATE schema_version SET version = 3")
+    with pytest.raises(RuntimeError, match="schema version 3"):
+        Catalog(db_path)

@@ -184,7 +184,7 @@ def test_worker_processes_give_the_same_vectors(library, tmp_path, monkeypatch):
     local.index_path.unlink()
     monkeypatch.setattr(_FeaturizerPool, "MIN_FILES_FOR_POOL", 0)
     monkeypatch.setattr(_FeaturizerPool, "CHUNK", 8)
-    pooled = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64), workers=2)
+    pooled = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64), workers=2, stored_features=False)   # read
     assert set(pooled.entries) == set(vec)
     for i, v in vec.items():
         assert np.allclose(pooled.vector("descriptor", i), v, atol=1e-5)
@@ -205,3 +205,65 @@ def test_scores_are_calibrated_against_the_query_own_baseline(library, tmp_path)
         expected = np.clip((h.raw["meta"] - m) / (1 - m), 0, 1)
         assert abs(h.channels["meta"] - expected) < 1e-6
     assert hits[0].channels["meta"] > 0.3 and sum(h.channels["meta"] == 0 for h in hits) >= len(hits) // 2 - 1
+
+
+def test_blocks_stored_by_the_scan_give_the_same_index_as_reading_the_files(library, tmp_path, monkeypatch):
+    """The index uses the descriptor blocks the catalog scan stored (no file read) and reads only the files of
+    LoRAs without them (a catalog from before features, another descriptor setting, or the LoRAs an encoder
+    encodes); every way gives the same vectors."""
+    import sqlite3
+
+    import retrieval.library as library_module
+    from retrieval.descriptor import DescriptorConfig, blocks_fingerprint
+
+    cat, lib = _catalog(library[0], tmp_path)
+    emb = HashingEmbedder(64)
+    reads = []
+
+    def counting(path, family=None):
+        reads.append(path)
+        return read_factors(path, family)
+
+    monkeypatch.setattr(library_module, "read_factors", counting)
+    n = len(cat.all())
+    assert len(cat.feature_ids(blocks_fingerprint(DescriptorConfig()))) == n
+
+    def vectors(**kw):
+        reads.clear()
+        index = LibraryIndex(cat, text_embedder=emb, workers=1, **kw)
+        index.rebuild()
+        return {ch: {i: index.vector(ch, i) for i in index.members[ch]} for ch in index.vectors}, len(reads)
+
+    def same(a, b):
+        assert a.keys() == b.keys()
+        for ch in a:
+            assert a[ch].keys() == b[ch].keys() and a[ch]
+            for i, v in a[ch].items():
+                assert np.allclose(v, b[ch][i], atol=1e-5), (ch, i, float(np.abs(v - b[ch][i]).max()))
+
+    from_catalog, n_read = vectors()
+    assert n_read == 0
+    from_files, n_read = vectors(stored_features=False)
+    assert n_read == n
+    same(from_catalog, from_files)
+    # with an encoder: the LoRAs it encodes (tinyworld) are read for their factors, the sd15 one is not
+    records = {r["name"]: r for r in library[1]}
+    pairs = [TrainingPair(lora_svds(cat.load(e.id), 4), captions(Metadata.of(e)), records[e.name]["concept"],
+                          Metadata.of(e).text(), e.family) for e in cat.all() if e.name in records]
+    enc, _ = train_encoder(pairs, emb, steps=5, batch_size=10, hidden=32, layers=1, heads=2)
+    with_enc, n_read = vectors(encoder=enc)
+    assert n_read == sum(e.family == "tinyworld" for e in cat.all()) < n
+    plain, _ = vectors(encoder=enc, stored_features=False)
+    same(with_enc, plain)
+    assert set(with_enc) == {"descriptor", "meta", "weights", "joint"}
+    same({"descriptor": with_enc["descriptor"]}, {"descriptor": from_files["descriptor"]})
+    # some rows without features (as after migrating a catalog from before them): their files are read
+    gone = sorted(e.id for e in cat.all())[::2]
+    with sqlite3.connect(cat.db_path) as db:
+        db.executemany("DELETE FROM features WHERE lora_id = ?", [(i,) for i in gone])
+    mixed, n_read = vectors()
+    assert n_read == len(gone)
+    same(mixed, from_files)
+    # another descriptor setting: the stored blocks do not fit, every file is read
+    other, n_read = vectors(descriptor_config=DescriptorConfig(top_k=3))
+    assert n_read == n and other["descriptor"].keys() == from_files["descriptor"].keys()

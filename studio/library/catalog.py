@@ -4,18 +4,29 @@ Each file is indexed in its own transaction, so a scan killed at any moment leav
 the next scan carries on. Files are recognised by (size, mtime, sidecar stamps), then by content hash; bad
 files are recorded as quarantined with the reason and fix; files with the same tensor bytes are duplicates
 of the first one indexed.
+
+A scan also stores, per readable file, what a features hook computes from the LoRA it has just loaded (by
+default the retrieval weight descriptor's raw blocks, `retrieval.descriptor.catalog_features`), in the
+``features`` table, written and deleted in the file's own transaction; `LibraryIndex` then needs no second read
+of the file. Schema 2 added that table; a schema-1 catalog gains it when opened (its rows have no features).
 """
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
+import importlib
 import json
+import logging
 import os
 import sqlite3
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
 
 from . import sidecars as sc
 from .canonical import LoRA
@@ -23,6 +34,7 @@ from .errors import LoRAFileError
 from .formats import PICKLE_SUFFIXES, read_lora
 
 _REPO = Path(__file__).resolve().parents[2]
+log = logging.getLogger(__name__)
 
 
 def cache_dir(library: str | Path) -> Path:
@@ -36,7 +48,7 @@ def cache_dir(library: str | Path) -> Path:
     return library / ".studio"
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the features and feature_layouts tables (a version-1 catalog is migrated on open)
 LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 _SCHEMA = """
@@ -77,6 +89,19 @@ CREATE TABLE IF NOT EXISTS loras (
 );
 CREATE INDEX IF NOT EXISTS loras_tensor_hash ON loras (tensor_hash);
 CREATE INDEX IF NOT EXISTS loras_name ON loras (name);
+CREATE TABLE IF NOT EXISTS feature_layouts (
+    id INTEGER PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    names TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS features (
+    lora_id INTEGER PRIMARY KEY,
+    tensor_hash TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    layout INTEGER NOT NULL,
+    dtype TEXT NOT NULL,
+    blocks BLOB NOT NULL
+);
 """
 _JSON_COLUMNS = ("kinds", "ranks", "alphas", "components", "trigger_words", "tags", "sidecar", "metadata", "warnings")
 
@@ -176,12 +201,18 @@ def _stamp(files: list[Path]) -> str:
 
 def describe_file(path: Path, side: sc.Sidecars, sha: str, tensor_hash: str | None) -> dict:
     """Column values for one file: parsed and checked LoRA facts, or the reason it is quarantined."""
+    return _describe(path, side, sha, tensor_hash)[0]
+
+
+def _describe(path: Path, side: sc.Sidecars, sha: str, tensor_hash: str | None) -> tuple[dict, LoRA | None]:
+    """`describe_file`, and the LoRA it read (None for a quarantined file)."""
     record = {
         "alias": None, "tensor_hash": None, "format": None, "kinds": [], "dora": None, "family": None,
         "ranks": [], "alphas": [], "n_modules": None, "components": {}, "trigger_words": [], "description": "",
         "tags": [], "preview": str(side.preview) if side.preview else None, "sidecar": side.as_dict(),
         "metadata": {}, "warnings": list(side.warnings), "reason": None, "fix": None,
     }
+    lora = None
     try:
         lora = read_lora(path)
     except LoRAFileError as e:
@@ -206,24 +237,92 @@ def describe_file(path: Path, side: sc.Sidecars, sha: str, tensor_hash: str | No
         )
     for column in _JSON_COLUMNS:
         record[column] = json.dumps(record[column])
-    return record
+    return record, lora
 
 
 POOL_MIN_FILES = 64   # below this many new or changed files a scan reads them in-process
+SCAN_BATCH = 16       # files a scan worker reads before it computes their features together (batched SVDs)
+
+# What a scan stores per readable file besides its columns: "module:function", called in the process that read
+# the file with a list of LoRAs, returning per LoRA (fingerprint, names, blocks (len(names), n) float array) or
+# None. A string, so the catalog does not import retrieval (it is imported where the hook first runs).
+DEFAULT_FEATURES = "retrieval.descriptor:catalog_features"
 
 
-def analyse_file(path: str | Path) -> tuple | None:
-    """The per-file work of a scan, free of the database: (size, mtime_ns, sidecar stamp, sha256, tensor hash,
-    column values), or None if the file vanished. Runs in worker processes on big scans."""
-    path = Path(path)
+@functools.lru_cache(maxsize=8)
+def _features_hook(spec: str) -> Callable | None:
+    module, _, name = spec.partition(":")
     try:
-        st = path.stat()
-        side = sc.find_sidecars(path)
-        stamp = _stamp(side.files)
-        sha, tensor_hash = file_hashes(path)
-        return st.st_size, st.st_mtime_ns, stamp, sha, tensor_hash, describe_file(path, side, sha, tensor_hash)
-    except FileNotFoundError:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        log.warning("catalog features hook %s unavailable (%s): no features stored", spec, e)
         return None
+
+
+@dataclass
+class StoredFeatures:
+    """One LoRA's features as a scan stored them: names (one per row of `blocks`) and the blocks."""
+
+    tensor_hash: str
+    fingerprint: str
+    names: list[str]
+    blocks: np.ndarray
+
+
+def _features_of(loras: list[LoRA], spec: str | None) -> list[tuple | None]:
+    """Features of each LoRA as rows for the catalog: (fingerprint, names JSON, its digest, dtype, blob) or None."""
+    hook = _features_hook(spec) if spec else None
+    if hook is None or not loras:
+        return [None] * len(loras)
+    try:
+        found = hook(loras)
+    except Exception:   # one odd LoRA must not cost the others their features: one at a time
+        found = []
+        for lora in loras:
+            try:
+                found += hook([lora])
+            except Exception as e:
+                log.warning("features hook failed on a LoRA (%s: %s); the index will read its file", type(e).__name__, e)
+                found.append(None)
+    out = []
+    for item in found:
+        if item is None:
+            out.append(None)
+            continue
+        fingerprint, names, blocks = item
+        blocks = np.ascontiguousarray(blocks)
+        names_json = json.dumps(list(names))
+        digest = hashlib.sha256(names_json.encode()).hexdigest()[:32]
+        out.append((fingerprint, names_json, digest, blocks.dtype.str, blocks.tobytes()))
+    return out
+
+
+def analyse_files(paths: Sequence[str | Path], features: str | None = DEFAULT_FEATURES) -> list[tuple | None]:
+    """The per-file work of a scan, free of the database, per path: (size, mtime_ns, sidecar stamp, sha256, tensor
+    hash, column values, features row or None), or None if the file vanished. Runs in worker processes on big
+    scans; the features of the files read are computed together."""
+    out, read = [], []
+    for path in map(Path, paths):
+        try:
+            st = path.stat()
+            side = sc.find_sidecars(path)
+            stamp = _stamp(side.files)
+            sha, tensor_hash = file_hashes(path)
+            record, lora = _describe(path, side, sha, tensor_hash)
+        except FileNotFoundError:
+            out.append(None)
+            continue
+        out.append([st.st_size, st.st_mtime_ns, stamp, sha, tensor_hash, record, None])
+        if lora is not None:
+            read.append((out[-1], lora))
+    for item, row in zip(read, _features_of([lora for _, lora in read], features)):
+        item[0][6] = row
+    return [tuple(a) if a is not None else None for a in out]
+
+
+def analyse_file(path: str | Path, features: str | None = DEFAULT_FEATURES) -> tuple | None:
+    """`analyse_files` of one file."""
+    return analyse_files([path], features)[0]
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -246,12 +345,15 @@ def _init_scan_worker(parent_pid: int) -> None:
     exit_with_parent(parent_pid)
 
 
-def _analysed(paths: list[Path], workers: int):
-    """analyse_file over `paths`, in order: a process pool of `workers` when there are enough files (each
-    file's database write stays in the scanning process, one transaction each, so a kill still leaves a
-    consistent catalog)."""
+def _analysed(paths: list[Path], workers: int, features: str | None = DEFAULT_FEATURES):
+    """analyse_files over `paths`, in order, one analysis per path: a process pool of `workers` when there are
+    enough files (each file's database write stays in the scanning process, one transaction each, so a kill still
+    leaves a consistent catalog)."""
+    batches = [paths[i:i + SCAN_BATCH] for i in range(0, len(paths), SCAN_BATCH)]
+    analyse = functools.partial(analyse_files, features=features)
     if workers <= 1 or len(paths) < POOL_MIN_FILES:
-        yield from map(analyse_file, paths)
+        for batch in batches:
+            yield from analyse(batch)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -262,15 +364,16 @@ def _analysed(paths: list[Path], workers: int):
                                initializer=_init_scan_worker, initargs=(os.getpid(),))
     done = 0
     try:
-        for analysis in pool.map(analyse_file, paths, chunksize=8):
-            yield analysis
+        for analyses in pool.map(analyse, batches):
+            yield from analyses
             done += 1
     except BrokenProcessPool:   # e.g. a script without `if __name__ == "__main__":` (spawned workers re-run it)
         import warnings
 
         warnings.warn("LoRA scan: worker processes failed to start; reading the files in this process instead "
                       "(run scans from a `if __name__ == '__main__':` block to use several cores)", RuntimeWarning)
-        yield from map(analyse_file, paths[done:])
+        for batch in batches[done:]:
+            yield from analyse(batch)
     finally:   # also when the scan stops early: no worker outlives it
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -278,8 +381,11 @@ def _analysed(paths: list[Path], workers: int):
 class Catalog:
     """SQLite catalog of LoRA files (WAL journal, one transaction per file)."""
 
-    def __init__(self, db_path: str | Path):
+    def __init__(self, db_path: str | Path, features: str | None = DEFAULT_FEATURES):
+        """`features`: the hook whose output scans store per file ("module:function", see `DEFAULT_FEATURES`;
+        None stores none)."""
         self.db_path = Path(db_path)
+        self.features_hook = features
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -287,10 +393,12 @@ class Catalog:
         self._db.execute("PRAGMA synchronous=NORMAL")
         with self._transaction():
             for statement in filter(str.strip, _SCHEMA.split(";")):
-                self._db.execute(statement)
+                self._db.execute(statement)   # IF NOT EXISTS: on a version-1 catalog, adds the features tables
             row = self._db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] == 1:   # migrated in place: its rows have no stored features (the index reads their files)
+                self._db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise RuntimeError(
                     f"{self.db_path}: catalog schema version {row[0]}, this LoRA Studio uses {SCHEMA_VERSION}; "
@@ -337,6 +445,7 @@ class Catalog:
             if Path(path).is_relative_to(root) and path not in present:
                 with self._transaction():
                     self._db.execute("DELETE FROM loras WHERE id = ?", (row["id"],))
+                    self._db.execute("DELETE FROM features WHERE lora_id = ?", (row["id"],))
                     self._repair_duplicates(row["tensor_hash"])
                 report.removed.append(path)
         changed = []
@@ -348,7 +457,7 @@ class Catalog:
                     changed.append(path)
             except FileNotFoundError:
                 continue  # deleted while scanning; the next scan forgets it
-        results = _analysed(changed, workers)
+        results = _analysed(changed, workers, self.features_hook)
         try:
             for path, analysis in zip(changed, results):
                 if analysis is not None:
@@ -367,10 +476,12 @@ class Catalog:
         return (row["size"], row["mtime_ns"], row["sidecar_stamp"]) == (st.st_size, st.st_mtime_ns, stamp)
 
     def _scan_file(self, path: Path, row: sqlite3.Row | None, report: ScanReport, analysis: tuple) -> None:
-        size, mtime_ns, stamp, sha, tensor_hash, record = analysis
+        size, mtime_ns, stamp, sha, tensor_hash, record, features = analysis
         if row and row["file_sha256"] == sha and row["sidecar_stamp"] == stamp:
             with self._transaction():
                 self._db.execute("UPDATE loras SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row["id"]))
+                if features is not None:   # read anyway: kept (a catalog from before features lacks them)
+                    self._store_features(row["id"], row["tensor_hash"], features)
             report.unchanged += 1
             return
         record = dict(record)
@@ -390,12 +501,26 @@ class Catalog:
                 self._repair_duplicates(row["tensor_hash"])
             self._repair_duplicates(record["tensor_hash"])
             new = self._db.execute("SELECT id, status, duplicate_of FROM loras WHERE path = ?", (str(path),)).fetchone()
+            self._store_features(new["id"], record["tensor_hash"], features)
         (report.updated if row else report.added).append(str(path))
         if new["status"] == "quarantined":
             report.quarantined.append(f"{path.name}: {record['reason']} (fix: {record['fix']})")
         elif new["status"] == "duplicate":
             original = self._db.execute("SELECT path FROM loras WHERE id = ?", (new["duplicate_of"],)).fetchone()
             report.duplicates.append(f"{path.name} has the same tensors as {Path(original['path']).name}")
+
+    def _store_features(self, lora_id: int, tensor_hash: str | None, features: tuple | None) -> None:
+        """Replace a row's stored features (inside the row's transaction)."""
+        self._db.execute("DELETE FROM features WHERE lora_id = ?", (lora_id,))
+        if features is None or tensor_hash is None:
+            return
+        fingerprint, names_json, digest, dtype, blob = features
+        self._db.execute("INSERT OR IGNORE INTO feature_layouts (digest, names) VALUES (?, ?)", (digest, names_json))
+        layout = self._db.execute("SELECT id FROM feature_layouts WHERE digest = ?", (digest,)).fetchone()[0]
+        self._db.execute(
+            "INSERT INTO features (lora_id, tensor_hash, fingerprint, layout, dtype, blocks) VALUES (?, ?, ?, ?, ?, ?)",
+            (lora_id, tensor_hash, fingerprint, layout, dtype, blob),
+        )
 
     def _repair_duplicates(self, tensor_hash: str | None) -> None:
         """Make the lowest id with this tensor hash the original and the others its duplicates."""
@@ -449,6 +574,36 @@ class Catalog:
     def load(self, name_or_id: int | str) -> LoRA:
         """Read the catalogued file into a canonical `LoRA`."""
         return read_lora(self.get(name_or_id).path)
+
+    # -- stored features -----------------------------------------------------------------------------------
+
+    def feature_ids(self, fingerprint: str) -> dict[int, str]:
+        """{id: tensor hash} of the LoRAs whose stored features were made with `fingerprint`."""
+        return dict(self._db.execute("SELECT lora_id, tensor_hash FROM features WHERE fingerprint = ?", (fingerprint,)))
+
+    def stored_features(self, ids: Sequence[int], fingerprint: str) -> dict[int, StoredFeatures]:
+        """Stored features of these LoRAs made with `fingerprint` (those without any are left out)."""
+        out: dict[int, StoredFeatures] = {}
+        layouts: dict[int, list[str]] = {}
+        ids = list(ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = self._db.execute(
+                f"SELECT lora_id, tensor_hash, layout, dtype, blocks FROM features "
+                f"WHERE fingerprint = ? AND lora_id IN ({', '.join('?' * len(chunk))})", (fingerprint, *chunk),
+            ).fetchall()
+            for lora_id, tensor_hash, layout, dtype, blob in rows:
+                names = layouts.get(layout)
+                if names is None:
+                    found = self._db.execute("SELECT names FROM feature_layouts WHERE id = ?", (layout,)).fetchone()
+                    if found is None:
+                        continue
+                    names = layouts[layout] = json.loads(found[0])
+                blocks = np.frombuffer(blob, dtype=np.dtype(dtype))
+                if not names or blocks.size % len(names):
+                    continue
+                out[lora_id] = StoredFeatures(tensor_hash, fingerprint, names, blocks.reshape(len(names), -1))
+        return out
 
 
 def _entry(row: sqlite3.Row) -> Entry:
