@@ -69,13 +69,23 @@ def _lowrank_factors(m: ModuleLoRA) -> tuple[torch.Tensor, torch.Tensor] | None:
     if m.kind not in ("lora", "locon"):
         return None
     f = m.factors
-    up = f["up"].flatten(1)
+    up = f["up"]
+    if up.dim() != 2:
+        up = up.flatten(1)
     if "mid" in f:  # Tucker LoCon: ΔW[p, c, h, w] = Σ up[p,i]·mid[i,j,h,w]·down[j,c]
         down = f["down"].float().flatten(1)  # (r, in)
         a = torch.einsum("ij...,jc->ic...", f["mid"].float(), down).reshape(up.shape[1], -1)
     else:
-        a = f["down"].flatten(1)
+        a = f["down"]
+        if a.dim() != 2:
+            a = a.flatten(1)
     return up, a
+
+
+def _scale(m: ModuleLoRA) -> float:
+    """`m.scale` of a plain LoRA / LoCon module (its rank: the rows of ``down``), without building its shape map."""
+    rank = int(m.factors["down"].shape[0])
+    return m.alpha / rank if m.alpha and rank else 1.0
 
 
 def _sign_fix(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +186,7 @@ def pack_svds(loras: Sequence[LoRA | Mapping], k: int = 8) -> PackedSVDs:
                 if factors is None:
                     dense.append((li, name, _dense_svd(m.lowrank_delta(), k)))
                     continue
-                (B, A), scale = factors, m.scale
+                (B, A), scale = factors, _scale(m)
             key = (B.shape, A.shape, B.dtype, A.dtype)
             group = groups.get(key)
             if group is None:
@@ -336,9 +346,12 @@ class WeightDescriptor:
 
     # per-module blocks ------------------------------------------------------------------------------------
     def blocks(self, item) -> tuple[dict[str, np.ndarray], str]:
-        """(feature block per module, family) of a LoRA, an svds map, or an (svds|blocks, family) pair."""
+        """(feature block per module, family) of a LoRA, an svds map, an (svds|blocks, family) pair or a
+        (module names, (n, block) array, family) triple."""
         if isinstance(item, LoRA):
             return raw_blocks(lora_svds(item, max(self.config.top_k, 1)), self.config), item.family
+        if _is_stacked(item):
+            return dict(zip(item[0], item[1])), item[2]
         family = "unknown"
         if isinstance(item, tuple):
             item, family = item
@@ -359,23 +372,44 @@ class WeightDescriptor:
                 out[i * b:(i + 1) * b] = block
         return _unit(out)
 
+    def _raw_rows(self, group: Sequence, layout: list[str]) -> np.ndarray:
+        """`raw` of many LoRAs, (n, len(layout)·block): blocks maps, or (names, array) pairs (stacked at once when
+        their names are the layout)."""
+        b = self.config.block
+        X = np.zeros((len(group), len(layout) * b), dtype=np.float32)
+        fast = [i for i, s in enumerate(group)
+                if layout and isinstance(s, tuple) and s[0] == layout and s[1].shape == (len(layout), b)]
+        if fast:
+            F = np.stack([group[i][1] for i in fast]).reshape(len(fast), -1).astype(np.float32)
+            X[fast] = F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), _EPS)
+        if len(fast) < len(group):
+            done = set(fast)
+            for i, s in enumerate(group):
+                if i not in done:
+                    X[i] = self.raw(dict(zip(*s)) if isinstance(s, tuple) else s, layout)
+        return X
+
     # fitting ----------------------------------------------------------------------------------------------
     def fit(self, items: Iterable, max_layout: int | None = None) -> WeightDescriptor:
         """Fix each family's layout (union of module names, sorted) and fit its PCA (on <= max_fit LoRAs)."""
-        by_family: dict[str, list[dict[str, np.ndarray]]] = {}
+        by_family: dict[str, list] = {}
         for item in items:
+            if _is_stacked(item):   # kept stacked: (names, array)
+                by_family.setdefault(item[2], []).append((item[0], item[1]))
+                continue
             blocks, family = self.blocks(item)
             by_family.setdefault(family, []).append(blocks)
         for family, group in by_family.items():
-            names = sorted({n for s in group for n in s})
+            names = sorted({n for s in group for n in (s[0] if isinstance(s, tuple) else s)})
             if max_layout and len(names) > max_layout:  # keep the most common modules
-                counts = {n: sum(n in s for s in group) for n in names}
+                sets = [set(s[0] if isinstance(s, tuple) else s) for s in group]
+                counts = {n: sum(n in s for s in sets) for n in names}
                 names = sorted(sorted(names, key=lambda n: -counts[n])[:max_layout])
             self.layouts[family] = names
             rng = np.random.default_rng(self.config.seed)
             n_fit = self.config.fit_size(len(names))
             pick = group if len(group) <= n_fit else [group[i] for i in rng.choice(len(group), n_fit, replace=False)]
-            self._fit_pca(family, np.stack([self.raw(s, names) for s in pick]))
+            self._fit_pca(family, self._raw_rows(pick, names))
             self.fitted_on[family] = len(group)
         return self
 
@@ -418,16 +452,19 @@ class WeightDescriptor:
     def vectors(self, items: Sequence) -> np.ndarray:
         """`vector` of many LoRAs, (n, dim): the LoRAs of a fitted family share one matrix product."""
         out = np.zeros((len(items), self.dim), dtype=np.float32)
-        by_family: dict[str, list[tuple[int, dict]]] = {}
+        by_family: dict[str, list[tuple[int, object]]] = {}
         for i, item in enumerate(items):
-            blocks, family = self.blocks(item)
+            if _is_stacked(item):
+                blocks, family = (item[0], item[1]), item[2]
+            else:
+                blocks, family = self.blocks(item)
             if family in self.components and self.layouts.get(family):
                 by_family.setdefault(family, []).append((i, blocks))
             else:
-                out[i] = self.vector((blocks, family))
+                out[i] = self.vector((dict(zip(*blocks)) if isinstance(blocks, tuple) else blocks, family))
         for family, rows in by_family.items():
             layout = self.layouts[family]
-            X = np.stack([self.raw(blocks, layout) for _, blocks in rows])
+            X = self._raw_rows([blocks for _, blocks in rows], layout)
             Y = (X - self.means[family]) @ self.components[family].T
             V = np.zeros((len(rows), self.dim), dtype=np.float32)
             V[:, :Y.shape[1]] = Y
@@ -476,6 +513,11 @@ class WeightDescriptor:
                 self.means[family] = z[f"mean{i}"]
                 self.components[family] = z[f"comp{i}"]
         return self
+
+
+def _is_stacked(item) -> bool:
+    """Whether `item` is a (module names, (n, block) array, family) triple."""
+    return isinstance(item, tuple) and len(item) == 3 and isinstance(item[1], np.ndarray) and isinstance(item[2], str)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -90,6 +90,8 @@ class RefreshReport:
     reason: str = ""
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    files_read: int = 0      # LoRA files read for their factors
+    from_catalog: int = 0    # LoRAs whose descriptor blocks came from the catalog (no file read)
 
     @property
     def changed(self) -> bool:
@@ -294,7 +296,7 @@ class LibraryIndex:
             rest += group[n_fit:]
         with self._featurizer(entries) as run:
             results = list(run(first))
-            self.descriptor.fit([(r.block_map(j), e.family) for r, _ in results for j, e in enumerate(r.entries)])
+            self.descriptor.fit([(r.names[j], r.blocks[j], e.family) for r, _ in results for j, e in enumerate(r.entries)])
             for r, _ in results:
                 self._add_features(r, report)
             for r, _ in run(rest):
@@ -329,12 +331,14 @@ class LibraryIndex:
 
     def _add_features(self, r: Features, report: RefreshReport) -> None:
         report.failed += r.failed
+        report.files_read += r.files_read
+        report.from_catalog += r.from_catalog
         if not r.entries:
             return
         ids = np.array([e.id for e in r.entries], dtype=np.int64)
         fams = [e.family for e in r.entries]
         metas = [Metadata.of(e) for e in r.entries]
-        desc = self.descriptor.vectors([(r.block_map(j), e.family) for j, e in enumerate(r.entries)])
+        desc = self.descriptor.vectors([(r.names[j], r.blocks[j], e.family) for j, e in enumerate(r.entries)])
         self._add("descriptor", ids, desc, fams)
         if r.meta_vecs is not None:
             has = np.array([m.has_text for m in metas])
@@ -530,6 +534,8 @@ class Features:
     joint: np.ndarray | None = None
     encoded: list[int] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    files_read: int = 0
+    from_catalog: int = 0
 
     def block_map(self, j: int) -> dict[str, np.ndarray]:
         return dict(zip(self.names[j], self.blocks[j]))
@@ -551,7 +557,7 @@ class _Worker:
             self.encoder.eval()
 
     def run(self, entries: Sequence, meta_vecs: np.ndarray | None, joint: bool) -> Features:
-        out = Features(entries=[], meta_vecs=None)
+        out = Features(entries=[], meta_vecs=None, files_read=len(entries))
         loaded, keep = [], []
         for j, e in enumerate(entries):
             try:
@@ -702,7 +708,8 @@ def _merge(chunk, meta, found, read) -> Features:
         read = read.result()
     if not found and read is not None:
         return read   # every file read: already in the chunk's order
-    out = Features(entries=[], meta_vecs=None, failed=list(read.failed) if read is not None else [])
+    out = Features(entries=[], meta_vecs=None, failed=list(read.failed) if read is not None else [],
+                   files_read=read.files_read if read is not None else 0, from_catalog=len(found))
     from_file = {e.id: k for k, e in enumerate(read.entries)} if read is not None else {}
     was_encoded = set(read.encoded) if read is not None else set()
     keep = []

@@ -231,7 +231,8 @@ def test_blocks_stored_by_the_scan_give_the_same_index_as_reading_the_files(libr
     def vectors(**kw):
         reads.clear()
         index = LibraryIndex(cat, text_embedder=emb, workers=1, **kw)
-        index.rebuild()
+        report = index.rebuild()
+        assert (report.files_read, report.from_catalog) == (len(reads), n - len(reads))
         return {ch: {i: index.vector(ch, i) for i in index.members[ch]} for ch in index.vectors}, len(reads)
 
     def same(a, b):
