@@ -266,7 +266,7 @@ def test_a_pool_scan_from_an_unguarded_script_falls_back_to_one_process(tmp_path
     assert f"ADDED {n} True" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
-def test_scan_stores_descriptor_features_with_each_row(tmp_path, library):
+def test_scan_stores_descriptor_features_with_each_row(tmp_path, library, monkeypatch):
     """Every readable file gets the weight descriptor's raw blocks, computed from the LoRA the scan read; they are
     replaced, and deleted, together with the file's row."""
     import numpy as np
@@ -286,6 +286,15 @@ def test_scan_stores_descriptor_features_with_each_row(tmp_path, library):
         assert stored.names == list(ref) and stored.blocks.dtype == np.float16
         assert stored.blocks.shape == (zqx.n_modules, cfg.block)
         assert np.allclose(stored.blocks, np.stack(list(ref.values())), atol=2e-3)
+        # features computed one file at a time (a batch is cut at SCAN_BATCH_BYTES) are the batch's
+        import studio.library.catalog as catalog_module
+
+        paths = sorted(e.path for e in catalog.all())
+        batched = catalog_module.analyse_files(paths)
+        monkeypatch.setattr(catalog_module, "SCAN_BATCH_BYTES", 1)
+        for one, many in zip(catalog_module.analyse_files(paths), batched):
+            assert one[6][:4] == many[6][:4]
+            assert np.allclose(np.frombuffer(one[6][4], np.float16), np.frombuffer(many[6][4], np.float16), atol=2e-3)
 
         xl = catalog.get("xl")
         small_kohya_file(library / "xl.safetensors", seed=9)   # new content: new features in the same row

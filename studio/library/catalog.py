@@ -102,6 +102,7 @@ CREATE TABLE IF NOT EXISTS features (
     dtype TEXT NOT NULL,
     blocks BLOB NOT NULL
 );
+CREATE INDEX IF NOT EXISTS features_fingerprint ON features (fingerprint, tensor_hash);
 """
 _JSON_COLUMNS = ("kinds", "ranks", "alphas", "components", "trigger_words", "tags", "sidecar", "metadata", "warnings")
 
@@ -241,7 +242,8 @@ def _describe(path: Path, side: sc.Sidecars, sha: str, tensor_hash: str | None) 
 
 
 POOL_MIN_FILES = 64   # below this many new or changed files a scan reads them in-process
-SCAN_BATCH = 16       # files a scan worker reads before it computes their features together (batched SVDs)
+SCAN_BATCH = 16       # files a scan worker reads before it computes their features together (batched SVDs) ...
+SCAN_BATCH_BYTES = 64 << 20   # ... or fewer, once they hold this many bytes (each LoRA holds its file's bytes)
 
 # What a scan stores per readable file besides its columns: "module:function", called in the process that read
 # the file with a list of LoRAs, returning per LoRA (fingerprint, names, blocks (len(names), n) float array) or
@@ -301,7 +303,13 @@ def analyse_files(paths: Sequence[str | Path], features: str | None = DEFAULT_FE
     """The per-file work of a scan, free of the database, per path: (size, mtime_ns, sidecar stamp, sha256, tensor
     hash, column values, features row or None), or None if the file vanished. Runs in worker processes on big
     scans; the features of the files read are computed together."""
-    out, read = [], []
+    out, read, held = [], [], 0
+
+    def featurise():
+        for item, row in zip(read, _features_of([lora for _, lora in read], features)):
+            item[0][6] = row
+        read.clear()
+
     for path in map(Path, paths):
         try:
             st = path.stat()
@@ -315,8 +323,11 @@ def analyse_files(paths: Sequence[str | Path], features: str | None = DEFAULT_FE
         out.append([st.st_size, st.st_mtime_ns, stamp, sha, tensor_hash, record, None])
         if lora is not None:
             read.append((out[-1], lora))
-    for item, row in zip(read, _features_of([lora for _, lora in read], features)):
-        item[0][6] = row
+            held += st.st_size
+            if held >= SCAN_BATCH_BYTES:
+                featurise()
+                held = 0
+    featurise()
     return [tuple(a) if a is not None else None for a in out]
 
 
@@ -386,6 +397,7 @@ class Catalog:
         None stores none)."""
         self.db_path = Path(db_path)
         self.features_hook = features
+        self._layout_names: dict[int, list[str]] = {}   # feature_layouts rows are never changed nor deleted
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
@@ -584,7 +596,7 @@ class Catalog:
     def stored_features(self, ids: Sequence[int], fingerprint: str) -> dict[int, StoredFeatures]:
         """Stored features of these LoRAs made with `fingerprint` (those without any are left out)."""
         out: dict[int, StoredFeatures] = {}
-        layouts: dict[int, list[str]] = {}
+        layouts = self._layout_names
         ids = list(ids)
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
