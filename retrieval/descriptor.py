@@ -447,7 +447,8 @@ class WeightDescriptor:
             mean, comps = self.means[family], self.components[family]
         else:
             mean, comps = np.zeros_like(x), self._random_basis(x.shape[0])
-        y = comps @ (x - mean)
+        with _one_blas_thread():
+            y = comps @ (x - mean)
         out = np.zeros(self.dim, dtype=np.float32)
         out[: y.shape[0]] = y
         return _unit(out)
@@ -468,7 +469,8 @@ class WeightDescriptor:
         for family, rows in by_family.items():
             layout = self.layouts[family]
             X = self._raw_rows([blocks for _, blocks in rows], layout)
-            Y = (X - self.means[family]) @ self.components[family].T
+            with _one_blas_thread():
+                Y = (X - self.means[family]) @ self.components[family].T
             V = np.zeros((len(rows), self.dim), dtype=np.float32)
             V[:, :Y.shape[1]] = Y
             V /= np.maximum(np.linalg.norm(V, axis=1, keepdims=True), _EPS)
@@ -518,16 +520,26 @@ class WeightDescriptor:
         return self
 
 
+_BLAS = []   # [threadpoolctl controller or None], made on first use
+
+
 @contextmanager
 def _one_blas_thread():
-    """BLAS on one thread: eigh synchronises its threads at every column, so on a busy 2-core machine two threads
-    took up to 20x longer than one (measured at n = 2000: 21 s against 1.3 s; 0.65 s with two free cores)."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
+    """BLAS on one thread, for the calls that synchronise their threads often relative to their work (eigh, at every
+    column; products of a few hundred rows): on a 2-core machine that is busy with other work, two BLAS threads made
+    them 20 to 40 times slower than one (eigh at n = 2000: 21 s against 1.3 s, 0.65 s with two free cores; the
+    (128 × 18048)·(18048 × 128) products of a 2000-LoRA rebuild: 5.2 s against 0.15 s)."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS.append(ThreadpoolController())
+        except ImportError:
+            _BLAS.append(None)
+    if _BLAS[0] is None:
         yield
         return
-    with threadpool_limits(1, user_api="blas"):
+    with _BLAS[0].limit(limits=1, user_api="blas"):
         yield
 
 
