@@ -573,7 +573,8 @@ def stored_blocks(blocks: Mapping[str, np.ndarray], cfg: DescriptorConfig) -> tu
     return names, np.stack([blocks[n] for n in names]).astype(np.float16)
 
 
-def catalog_features(loras: Sequence[LoRA], cfg: DescriptorConfig | None = None) -> list[tuple[str, list[str], np.ndarray]]:
+def catalog_features(loras: Sequence[LoRA],
+                     cfg: DescriptorConfig | None = None) -> list[tuple[str, list[str], np.ndarray]]:
     """The catalog scan's features hook (`studio.library.catalog.DEFAULT_FEATURES`): per LoRA, (fingerprint, module
     names, raw blocks float16) for `cfg` (the default descriptor), from the LoRAs the scan has just read."""
     cfg = cfg or DescriptorConfig()

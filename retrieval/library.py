@@ -34,7 +34,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .descriptor import DescriptorConfig, WeightDescriptor, blocks_fingerprint, pack_svds, raw_blocks_many, stored_blocks
+from .descriptor import (DescriptorConfig, WeightDescriptor, blocks_fingerprint, pack_svds, raw_blocks_many,
+                         stored_blocks)
 from .index import VectorIndex, atomic_write
 from .loading import read_factors
 from .text import LexicalIndex, Metadata, TextEmbedder, stems
@@ -296,7 +297,8 @@ class LibraryIndex:
             rest += group[n_fit:]
         with self._featurizer(entries) as run:
             results = list(run(first))
-            self.descriptor.fit([(r.names[j], r.blocks[j], e.family) for r, _ in results for j, e in enumerate(r.entries)])
+            self.descriptor.fit([(r.names[j], r.blocks[j], e.family)
+                                 for r, _ in results for j, e in enumerate(r.entries)])
             for r, _ in results:
                 self._add_features(r, report)
             for r, _ in run(rest):

@@ -284,7 +284,8 @@ def _features_of(loras: list[LoRA], spec: str | None) -> list[tuple | None]:
             try:
                 found += hook([lora])
             except Exception as e:
-                log.warning("features hook failed on a LoRA (%s: %s); the index will read its file", type(e).__name__, e)
+                log.warning("features hook failed on a LoRA (%s: %s); the index will read its file",
+                            type(e).__name__, e)
                 found.append(None)
     out = []
     for item in found:
