@@ -327,9 +327,13 @@ def write_files(folder: Path, n: int, rank: int = 4) -> None:
         tensors = {key: (t if key.endswith(".alpha") else torch.randn(t.shape, generator=g).half())
                    for key, t in template.items()}
         meta, info = metas[c]
-        # every file its own description, as in a real library (no two texts alike to embed only once)
-        info = dict(info, description=f"{info.get('description', '')} Version {k // len(CONCEPTS) + 1}: "
-                                      f"{200 + 50 * (k % 13)} steps, rank {4 * (1 + k % 8)}, seed {k}.")
+        # every file its own description, as in a real library (no two texts alike to embed only once); the
+        # catalog reads the model's description first, so that is the text made unique
+        model = dict(info.get("model") or {})
+        model["description"] = (f"{model.get('description') or info.get('description', '')} Version "
+                                f"{k // len(CONCEPTS) + 1}: {200 + 50 * (k % 13)} steps, rank {4 * (1 + k % 8)}, "
+                                f"seed {k}.")
+        info = dict(info, model=model)
         path = folder / f"f{k:05d}.safetensors"
         save_file(tensors, str(path), metadata=meta)
         path.with_suffix(".civitai.info").write_text(json.dumps(info))
