@@ -13,6 +13,10 @@ asked base colour survives), two image-quality proxies (`confidence`: the judge'
 its heads; `hf`: the share of high-frequency spectrum, noise raises it), `unet_evals` (UNet rows per image,
 both CFG branches counted, from the runtime) and `sec_per_image` (wall clock of generation, judge excluded).
 
+Reference (`alone`, not a method): each LoRA of every set run alone on the set's prompt and seed, judged for its
+own concept; `every_concept_alone` is the share of sets where every concept shows under its own LoRA, what a
+composition could reach if combining LoRAs cost nothing (the methods' all-present rates read against it).
+
 Resumable: results are written after every (method, N) to the output JSON and reused when the settings match.
 Writes `bench/results/compose.json`, `bench/results/compose.md` and sample grids `docs/compose_N<n>.png`.
 """
@@ -128,6 +132,27 @@ def run_method(studio, judge, method: str, n: int, sets: list[dict], args, sampl
     return summarise(rows, len(sets), n_images, seconds, unet_rows)
 
 
+def alone_reference(studio, judge, n: int, sets: list[dict], args) -> dict:
+    """Each LoRA of each set ALONE, on the set's own prompt and seeds: is its concept there? Per concept, and per
+    set whether every concept shows when its own LoRA runs alone (`every_concept_alone`): what a composition
+    could reach if combining LoRAs cost nothing, so the methods' all-present rates read against it."""
+    hits: dict[str, list[bool]] = {}
+    every = []
+    for s in sets:
+        seeds = [10000 * n + 10 * s["k"] + j for j in range(args.images)]
+        shown = np.ones(len(seeds), dtype=bool)
+        for ref in plan_loras(s):
+            out = studio.generate_many([s["prompt"]] * len(seeds), seeds, steps=args.steps, cfg=args.cfg,
+                                       loras=[ref], method="merge", progress=False)
+            got = np.array([r["hits"][ref.category] for r in judge_set(judge, [o.image for o in out], s)])
+            hits.setdefault(ref.category, []).extend(got.tolist())
+            shown &= got
+        every.extend(shown.tolist())
+    return {"every_concept_alone": round(float(np.mean(every)), 4),
+            "per_concept": {c: round(float(np.mean(v)), 4) for c, v in sorted(hits.items())},
+            "sets": len(sets), "images": len(every)}
+
+
 def write_markdown(report: dict, path: Path) -> None:
     methods = [m for m in METHODS if m in report["methods"]] + [m for m in report["methods"] if m not in METHODS]
     ns = sorted({int(n) for m in methods for n in report["methods"][m]})
@@ -144,6 +169,12 @@ def write_markdown(report: dict, path: Path) -> None:
         got = [v for v in vals if v is not None]
         lines.append(f"| {m} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals)
                      + f" | {np.mean(got):.3f} |" if got else f"| {m} | " + " | ".join("-" for _ in ns) + " | - |")
+    if report.get("alone"):
+        vals = [report["alone"].get(str(n), {}).get("every_concept_alone") for n in ns]
+        lines += ["", "Reference, not a method: each LoRA of a set run ALONE on the set's prompt and seed; the share of "
+                  "sets where every concept shows under its own LoRA (what composing could reach if it cost nothing):",
+                  "", "| reference | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns),
+                  "| every concept alone | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |"]
     lines += ["", "## Cost: seconds per image / UNet rows per image (both CFG branches)", "",
               "| method | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|" + "---:|" * len(ns)]
     for m in methods:
@@ -208,6 +239,8 @@ def main(argv=None):
                                                  "runs/compose/partial.json (--n-sets < 60)")
     ap.add_argument("--grid-sets", type=int, default=8, help="sets per N kept for the sample grids")
     ap.add_argument("--fresh", action="store_true", help="ignore results already in the output file")
+    ap.add_argument("--no-alone", action="store_true",
+                    help="skip the each-LoRA-alone reference (N images per set; reused from the output file)")
     ap.add_argument("--rerun", action="store_true",
                     help="measure --methods again even where the output file has them (e.g. timings on a quiet machine)")
     ap.add_argument("--available-only", action="store_true",
@@ -275,6 +308,15 @@ def main(argv=None):
             report["methods"].setdefault(method, {})[str(n)] = res
             print(f"{method} N={n}: all_present {res['all_present']:.3f} {res['sec_per_image']:.3f} s/img "
                   f"{res['unet_evals']:.0f} rows/img {res['per_concept']}", flush=True)
+            out.write_text(json.dumps(report, indent=1))
+    if not args.no_alone:
+        for n in ns:
+            if str(n) in report.get("alone", {}):
+                continue
+            report.setdefault("alone", {})[str(n)] = res = alone_reference(studio, judge, n,
+                                                                          make_sets(n, args.n_sets, available), args)
+            print(f"each LoRA alone N={n}: every concept {res['every_concept_alone']:.3f} {res['per_concept']}",
+                  flush=True)
             out.write_text(json.dumps(report, indent=1))
     if "composite" in report["methods"] and "cmlora" in report["methods"]:
         comp, cml = report["methods"]["composite"], report["methods"]["cmlora"]

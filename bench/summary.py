@@ -64,8 +64,13 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
     else:
         add("LoRA library", "switching cost", None, "<= 20 ms on GPU", False)
 
-    comp = (_load("compose.json") or {}).get("methods", {})
+    compose = _load("compose.json") or {}
+    comp = compose.get("methods", {})
     gated, merge = comp.get("gated", {}), comp.get("merge", {})
+    for n in ("3", "5"):   # what the LoRAs themselves allow: every concept shows when its LoRA runs alone
+        ref = compose.get("alone", {}).get(n, {}).get("every_concept_alone")
+        if ref is not None:
+            add("Fusion", f"reference: every concept shows with its LoRA alone, {n} LoRAs' sets", ref, "(context)", None)
     g3 = gated.get("3", {}).get("all_present")
     g5 = gated.get("5", {}).get("all_present")
     m5 = merge.get("5", {}).get("all_present")
