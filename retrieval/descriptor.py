@@ -97,8 +97,8 @@ def _sign_fix(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return U * sign, V * sign
 
 
-def _batched_lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, k: int):
-    """Exact top-k SVD of scale·B·A for a batch: B (n, out, r), A (n, r, in), scale (n,)."""
+def _batched_lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, k: int, signs: bool = True):
+    """Exact top-k SVD of scale·B·A for a batch: B (n, out, r), A (n, r, in), scale (n,); sign-fixed if `signs`."""
     Qb, Rb = torch.linalg.qr(B)                       # (n, out, m1), (n, m1, r)
     Qa, Ra = torch.linalg.qr(A.transpose(1, 2))       # (n, in, m2), (n, m2, r)
     core = scale[:, None, None] * (Rb @ Ra.transpose(1, 2))  # (n, m1, m2)
@@ -106,7 +106,8 @@ def _batched_lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, 
     k = min(k, S.shape[-1])
     U = Qb @ Uc[..., :k]
     V = Qa @ Vch.transpose(1, 2)[..., :k]
-    U, V = _sign_fix(U, V)
+    if signs:
+        U, V = _sign_fix(U, V)
     return U, S[..., :k], V
 
 
@@ -170,10 +171,12 @@ def _regroup(rows: Sequence[tuple[int, str, ModuleSVD]]) -> list[SVDGroup]:
                      torch.stack([m.V for _, _, m in g]), [(li, n) for li, n, _ in g]) for g in by.values()]
 
 
-def pack_svds(loras: Sequence[LoRA | Mapping], k: int = 8) -> PackedSVDs:
+def pack_svds(loras: Sequence[LoRA | Mapping], k: int = 8, signs: bool = True) -> PackedSVDs:
     """Top-k SVD of every module of every LoRA; same-shape modules of all of them share each batched QR/SVD.
 
     A LoRA may be a `LoRA`, {name: ModuleLoRA}, or {name: (B, A, scale)} (`retrieval.loading.read_factors`).
+    ``signs=False`` skips the sign fix of plain LoRA / LoCon modules, for consumers that flipping a singular pair
+    does not change: the raw blocks (every feature is a product of a pair with itself) are the same to the bit.
     """
     mods = [l.modules if isinstance(l, LoRA) else l for l in loras]
     groups: dict[tuple, list[tuple[int, str, torch.Tensor, torch.Tensor, float]]] = {}
@@ -200,7 +203,7 @@ def pack_svds(loras: Sequence[LoRA | Mapping], k: int = 8) -> PackedSVDs:
             B = torch.stack([it[2] for it in chunk]).float()
             A = torch.stack([it[3] for it in chunk]).float()
             scale = torch.tensor([it[4] for it in chunk], dtype=torch.float32)
-            U, S, V = _batched_lowrank_svd(B, A, scale, k)
+            U, S, V = _batched_lowrank_svd(B, A, scale, k, signs)
             out.append(SVDGroup(U, S, V, [(it[0], it[1]) for it in chunk]))
     out += _regroup(dense)
     return PackedSVDs(out, [list(m) for m in mods])
@@ -579,5 +582,5 @@ def catalog_features(loras: Sequence[LoRA],
     names, raw blocks float16) for `cfg` (the default descriptor), from the LoRAs the scan has just read."""
     cfg = cfg or DescriptorConfig()
     fingerprint = blocks_fingerprint(cfg)
-    packed = pack_svds(list(loras), max(cfg.top_k, 1))
+    packed = pack_svds(list(loras), max(cfg.top_k, 1), signs=False)   # blocks do not depend on the signs
     return [(fingerprint, *stored_blocks(blocks, cfg)) for blocks in raw_blocks_many(packed, cfg)]

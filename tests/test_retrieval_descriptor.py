@@ -148,6 +148,23 @@ def test_batched_equals_single_and_zero_modules_are_harmless():
     assert all(np.all(b == 0) for b in blocks.values())
 
 
+def test_raw_blocks_do_not_depend_on_the_sign_fix():
+    """The catalog's features skip the sign fix (`pack_svds(signs=False)`): the blocks are the same to the bit, at
+    ranks below, at and above top_k, for zero modules too."""
+    from retrieval.descriptor import catalog_features, pack_svds, raw_blocks_many, stored_blocks
+
+    cfg = DescriptorConfig()
+    loras = [_lora(r, s) for r in (2, 4, 8, 16) for s in range(2)]
+    loras.append(LoRA({n: ModuleLoRA("lora", {"down": torch.randn(4, i), "up": torch.zeros(o, 4)})
+                       for n, (o, i) in SMALL_TARGETS.items()}, family="tinyworld"))
+    fixed = raw_blocks_many(pack_svds(loras, cfg.top_k), cfg)
+    for blocks, (_, names, stored) in zip(fixed, catalog_features(loras, cfg)):
+        ref_names, ref = stored_blocks(blocks, cfg)
+        assert names == ref_names and np.array_equal(stored, ref)
+    unfixed = raw_blocks_many(pack_svds(loras, cfg.top_k, signs=False), cfg)
+    assert all(np.array_equal(a[n], b[n]) for a, b in zip(fixed, unfixed) for n in a)
+
+
 def test_fit_save_load_and_missing_modules(tmp_path):
     loras = [synthetic_lora(c, 4, s, shapes=SMALL_TARGETS) for c in ("zorbo", "hat", "grid") for s in range(3)]
     desc = WeightDescriptor(DescriptorConfig(dim=16)).fit(loras)
