@@ -13,10 +13,11 @@
 2. Scale. N synthetic clustered vectors (d=128) in `VectorIndex` (IVF with fp16 codes above its threshold, nprobe tuned):
    single-query latency on one thread, recall@10 against exact search.
 3. Files. N synthetic TinyWorld LoRA files (all 128 attention modules, rank 4, fp16, metadata + sidecar):
-   the catalog scan (hashes, full validation, and the weight descriptor's raw blocks, stored in the catalog),
-   then `LibraryIndex.rebuild` (every channel: descriptor blocks from the catalog, no file read again unless an
-   encoder needs the factors; metadata text embedded in the main process). Recorded: catalog_scan_s, index_s,
-   total_s (their sum) and how many files the index read.
+   the catalog scan (hashes, full validation, the weight descriptor's raw blocks and, in its worker processes, the
+   metadata text's vector from the packaged sentence model, stored in the catalog), then `LibraryIndex.rebuild`
+   (every channel: descriptor blocks and text vectors from the catalog, no file read again unless an encoder needs
+   the factors, no text embedded again unless the index's embedder is another). Recorded: catalog_scan_s, index_s,
+   total_s (their sum), how many files the index read and how many texts' vectors it took from the catalog.
 
 The library is `--library` (default assets/loras and runs/community, built by
 `python -m studio.tinyworld.build_library --only community` and `--only style_content`) when they hold LoRA files, else a synthetic one (said so
@@ -360,8 +361,11 @@ def files_bench(args, work: Path, text, encoder) -> dict:
         out[key] = round(time.monotonic() - t0, 2)
         out["channels" if enc is None else "channels_with_encoder"] = sorted(index.vectors)
         out["files_read" if enc is None else "files_read_with_encoder"] = report.files_read
+        if enc is None:
+            out["texts_from_catalog"] = report.texts_from_catalog
         log(f"index rebuild ({', '.join(sorted(index.vectors))}): {out[key]:.1f}s ({len(index)} LoRAs, "
-            f"{len(report.failed)} failed, {report.from_catalog} from the catalog, {report.files_read} files read)")
+            f"{len(report.failed)} failed, {report.from_catalog} from the catalog, {report.files_read} files read, "
+            f"{report.texts_from_catalog} text vectors from the catalog)")
     shutil.rmtree(folder, ignore_errors=True)
     out.update(total_s=round(out["index_s"] + scan_s, 2), workers=args.workers or "default")
     return out

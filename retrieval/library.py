@@ -17,7 +17,9 @@ descriptor PCA was fitted on).
 
 The descriptor's raw blocks come from the catalog when its scan stored them for this descriptor's settings
 (`descriptor.blocks_fingerprint`) and the same tensors; only the other LoRAs' files are read (and, with an encoder,
-the files of the LoRAs it encodes: it needs their factors). Both ways give the same blocks (float16).
+the files of the LoRAs it encodes: it needs their factors). Both ways give the same blocks (float16). Likewise the
+metadata-text vectors a big scan stored (`catalog_text_vectors`) are used when they come from this index's text
+embedder (same fingerprint) and the same text; the other texts are embedded here.
 Family is a hard filter in every search: LoRAs of another family are never candidates.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ from .descriptor import (DescriptorConfig, WeightDescriptor, blocks_fingerprint,
                          stored_blocks)
 from .index import VectorIndex, atomic_write
 from .loading import read_factors
-from .text import LexicalIndex, Metadata, TextEmbedder, stems
+from .text import LexicalIndex, Metadata, TextEmbedder, stems, text_key
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ class RefreshReport:
     seconds: float = 0.0
     files_read: int = 0      # LoRA files read for their factors
     from_catalog: int = 0    # LoRAs whose descriptor blocks came from the catalog (no file read)
+    texts_from_catalog: int = 0   # metadata texts whose vectors came from the catalog (not embedded here)
 
     @property
     def changed(self) -> bool:
@@ -295,7 +298,8 @@ class LibraryIndex:
             n_fit = cfg.fit_size(max(e.n_modules or 1 for e in group))
             first += group[:n_fit]
             rest += group[n_fit:]
-        with self._featurizer(entries) as run:
+        featurizer = self._featurizer(entries)
+        with featurizer as run:
             results = list(run(first))
             self.descriptor.fit([(r.names[j], r.blocks[j], e.family)
                                  for r, _ in results for j, e in enumerate(r.entries)])
@@ -303,6 +307,7 @@ class LibraryIndex:
                 self._add_features(r, report)
             for r, _ in run(rest):
                 self._add_features(r, report)
+        report.texts_from_catalog = featurizer.texts_from_catalog
         self._build_lexical()
         self._calibrate()
         self.save()
@@ -310,16 +315,19 @@ class LibraryIndex:
         return report
 
     def _add_entries(self, entries: Sequence, report: RefreshReport) -> None:
-        with self._featurizer(entries) as run:
+        featurizer = self._featurizer(entries)
+        with featurizer as run:
             for r, _ in run(entries):
                 self._add_features(r, report)
+        report.texts_from_catalog += featurizer.texts_from_catalog
 
     def _top_k(self) -> int:
         return max(self.descriptor.config.top_k, self.encoder.config.top_k if self.encoder is not None else 1)
 
     def _featurizer(self, entries: Sequence):
         """Context manager giving ``run(entries) -> [(Features, None)]`` for (a subset of) `entries`: blocks stored
-        by the catalog where they fit, files read (in worker processes when it pays) for the others."""
+        by the catalog where they fit, files read (in worker processes when it pays) for the others; metadata-text
+        vectors likewise from the catalog where they fit, embedded here for the others."""
         return _FeaturizerPool(self, entries)
 
     def _stored(self, entries: Sequence) -> dict[int, str]:
@@ -625,8 +633,8 @@ def default_workers() -> int:
 
 class _FeaturizerPool:
     """``with _FeaturizerPool(lib, entries) as run: run(chunk)``: chunks of entries featurised in order; descriptor
-    blocks the catalog stored are read from it here, the other files are read in worker processes when there are
-    many, with the main process embedding the metadata text meanwhile."""
+    blocks and text vectors the catalog stored are read from it here, the other files are read in worker processes
+    when there are many, with the main process embedding the other metadata texts meanwhile."""
 
     CHUNK = 128
     MIN_FILES_FOR_POOL = 384
@@ -646,6 +654,10 @@ class _FeaturizerPool:
         self.pool = None
         self.local = None
         self.seen: dict[str, np.ndarray] = {}
+        self.text_fingerprint = None
+        if lib.text is not None and hasattr(lib.catalog, "text_vectors"):
+            self.text_fingerprint = lib.text.fingerprint()
+        self.texts_from_catalog = 0
 
     def __enter__(self):
         if self.use_pool:
@@ -660,11 +672,18 @@ class _FeaturizerPool:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _meta(self, chunk) -> np.ndarray | None:
-        """Metadata text vectors of a chunk; a text already embedded in this run (a shared description) is reused."""
+        """Metadata text vectors of a chunk: stored by the catalog scan for this embedder and text, or embedded here;
+        a text already embedded in this run (a shared description) is reused."""
         text = self.lib.text
         if text is None:
             return None
         texts = [Metadata.of(e).text() for e in chunk]
+        if self.text_fingerprint is not None:
+            stored = self.lib.catalog.text_vectors([e.id for e in chunk], self.text_fingerprint)
+            for e, t in zip(chunk, texts):
+                if e.id in stored and stored[e.id][0] == text_key(t) and t not in self.seen:
+                    self.seen[t] = stored[e.id][1]
+                    self.texts_from_catalog += 1
         new = [t for t in dict.fromkeys(texts) if t not in self.seen]
         if new:
             self.seen.update(zip(new, text.encode(new)))

@@ -14,6 +14,7 @@ also says which words matched.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import math
@@ -95,6 +96,11 @@ class Metadata:
     def hash(self) -> str:
         key = repr((self.name, self.trigger_words, self.description, self.tags, self.alias))
         return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def text_key(text: str) -> str:
+    """What identifies an embedded text (stored with the vectors the catalog scan makes)."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _readable(name: str) -> str:
@@ -328,6 +334,27 @@ def default_text_embedder(model_folder: str | Path | None = None, prefer: str = 
             if prefer == "clip":
                 raise
     return HashingEmbedder()
+
+
+@functools.lru_cache(maxsize=1)
+def _scan_embedder() -> TextEmbedder | None:
+    try:
+        return default_text_embedder(prefer="sentence")
+    except FileNotFoundError:
+        return None
+
+
+def catalog_text_vectors(items: Sequence[Mapping]) -> list[tuple[str, str, np.ndarray] | None]:
+    """The catalog scan's text hook (`studio.library.catalog.DEFAULT_TEXT_VECTORS`, run in its worker processes):
+    per file's metadata ({name, alias, trigger_words, description, tags}), (embedder fingerprint, `text_key` of
+    `Metadata.text()`, vector) from the packaged sentence model, the one `default_text_embedder` takes first; all
+    None without one. `LibraryIndex` uses a vector when its embedder has that fingerprint and the text that key."""
+    embedder = _scan_embedder()
+    if embedder is None:
+        return [None] * len(items)
+    texts = [Metadata(**item).text() for item in items]
+    fingerprint = embedder.fingerprint()
+    return [(fingerprint, text_key(t), v) for t, v in zip(texts, embedder.encode(texts))]
 
 
 # ----------------------------------------------------------------------------------------------- lexical

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from library_fixtures import small_kohya_file, write_diffusers, write_kohya
-from studio.library.catalog import Catalog, file_hashes
+from studio.library.catalog import DEFAULT_FEATURES, Catalog, file_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,11 +25,14 @@ def check_consistent(db_path: Path) -> sqlite3.Connection:
     """Integrity check plus the catalog's own invariants; returns an open connection."""
     db = sqlite3.connect(db_path)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(2,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
     # stored features belong to a readable row with the same tensors, and their layout exists
     assert db.execute("SELECT COUNT(*) FROM features f LEFT JOIN loras l ON l.id = f.lora_id LEFT JOIN feature_layouts"
                       " fl ON fl.id = f.layout WHERE l.id IS NULL OR l.status = 'quarantined' OR"
                       " l.tensor_hash != f.tensor_hash OR fl.id IS NULL").fetchone()[0] == 0
+    # so do stored text vectors
+    assert db.execute("SELECT COUNT(*) FROM text_vectors t LEFT JOIN loras l ON l.id = t.lora_id"
+                      " WHERE l.id IS NULL OR l.status = 'quarantined'").fetchone()[0] == 0
     rows = db.execute("SELECT id, status, duplicate_of, tensor_hash, file_sha256, family, n_modules, reason, fix,"
                       " trigger_words, metadata FROM loras").fetchall()
     by_id = {r[0]: r for r in rows}
@@ -316,30 +319,37 @@ def test_scan_stores_descriptor_features_with_each_row(tmp_path, library, monkey
         assert catalog.all() and catalog.feature_ids(fp) == {}
 
 
-def test_a_version_1_catalog_opens_and_is_migrated(tmp_path, library):
-    """A catalog written before features existed (schema 1: no features tables) opens as it is: the tables are
-    added, its rows have no features until their files change or are read again; a newer schema is refused."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_older_catalog_opens_and_is_migrated(tmp_path, library, version):
+    """A catalog written before features existed (schema 1: no features tables) or before text vectors (schema 2)
+    opens as it is: the tables are added, its rows have no features until their files change or are read again;
+    a newer schema is refused."""
     from retrieval.descriptor import DescriptorConfig, blocks_fingerprint
 
     fp = blocks_fingerprint(DescriptorConfig())
     db_path = tmp_path / "catalog.db"
-    with Catalog(db_path, features=None) as catalog:
+    with Catalog(db_path, features=None if version == 1 else DEFAULT_FEATURES) as catalog:
         catalog.scan(library)
         before = {e.id: (e.path, e.status, e.tensor_hash) for e in catalog.all() + catalog.quarantined()}
-    with sqlite3.connect(db_path) as db:   # what the schema-1 code wrote: the same loras table, nothing else
-        db.execute("DROP TABLE features")
-        db.execute("DROP TABLE feature_layouts")
-        db.execute("UPDATE schema_version SET version = 1")
+    with sqlite3.connect(db_path) as db:   # what that schema's code wrote: the same loras table
+        db.execute("DROP TABLE text_vectors")
+        if version == 1:
+            db.execute("DROP TABLE features")
+            db.execute("DROP TABLE feature_layouts")
+        db.execute("UPDATE schema_version SET version = ?", (version,))
     with Catalog(db_path) as catalog:
         assert {e.id: (e.path, e.status, e.tensor_hash) for e in catalog.all() + catalog.quarantined()} == before
-        assert catalog.feature_ids(fp) == {}
+        assert catalog.text_vectors(list(before), "any") == {}
+        if version == 1:
+            assert catalog.feature_ids(fp) == {}
         assert catalog.scan(library).unchanged == 7   # nothing re-read
         zqx = library / "styles" / "zqx.safetensors"
         os.utime(zqx, ns=(time.time_ns(), time.time_ns() + 10**9))   # touched: read again, same content
         catalog.scan(library)
-        assert set(catalog.feature_ids(fp)) == {catalog.get("zqx").id}
+        assert set(catalog.feature_ids(fp)) == ({catalog.get("zqx").id} if version == 1 else set(before) - {
+            e.id for e in catalog.quarantined()})
     check_consistent(db_path)
     with sqlite3.connect(db_path) as db:
-        db.execute("UPDATE schema_version SET version = 3")
-    with pytest.raises(RuntimeError, match="schema version 3"):
+        db.execute("UPDATE schema_version SET version = 4")
+    with pytest.raises(RuntimeError, match="schema version 4"):
         Catalog(db_path)

@@ -268,3 +268,54 @@ def test_blocks_stored_by_the_scan_give_the_same_index_as_reading_the_files(libr
     # another descriptor setting: the stored blocks do not fit, every file is read
     other, n_read = vectors(descriptor_config=DescriptorConfig(top_k=3))
     assert n_read == n and other["descriptor"].keys() == from_files["descriptor"].keys()
+
+
+def test_text_vectors_stored_by_a_pooled_scan_are_the_ones_the_index_would_embed(tmp_path, monkeypatch):
+    """A scan that reads its files in worker processes stores each readable file's metadata-text vector from the
+    packaged sentence model; an index with that embedder uses them instead of embedding (same vectors within bf16
+    batching noise), an index with another embedder embeds its own; a file read again in-process loses its stored
+    vector (the index embeds its text)."""
+    import studio.library.catalog as catalog_module
+    from retrieval.text import default_text_embedder, packaged_model_folder, text_key
+    from studio.tinyworld.catalog import CONCEPTS as ALL
+
+    if packaged_model_folder() is None:
+        pytest.skip("no packaged sentence model")
+    monkeypatch.setattr(catalog_module, "TEXT_MIN_FILES", 0)
+    lib = tmp_path / "lib"
+    write_synthetic_library(lib, [c.name for c in ALL], ranks=(4,), seeds=(0, 1, 2), shapes=SMALL_TARGETS)
+    (lib / "broken.safetensors").write_bytes(b"\x00" * 64)
+    text = default_text_embedder(prefer="sentence")
+    pooled, local = Catalog(tmp_path / "pooled.sqlite"), Catalog(tmp_path / "local.sqlite")
+    assert len(pooled.scan(lib, workers=2).quarantined) == 1
+    local.scan(lib, workers=1)
+    entries = pooled.all()
+    stored = pooled.text_vectors([e.id for e in entries], text.fingerprint())
+    assert set(stored) == {e.id for e in entries}
+    assert pooled.text_vectors([e.id for e in entries], HashingEmbedder(64).fingerprint()) == {}
+    assert local.text_vectors([e.id for e in local.all()], text.fingerprint()) == {}   # an in-process scan: none
+    texts = [Metadata.of(e).text() for e in entries]
+    for e, t, ref in zip(entries, texts, text.encode(texts)):
+        key, v = stored[e.id]
+        assert key == text_key(t) and float(v @ ref) > 0.9999
+
+    def meta_vectors(cat, embedder):
+        index = LibraryIndex(cat, text_embedder=embedder, workers=1)
+        report = index.rebuild()
+        return {index.entries[i].name: index.vector("meta", i) for i in index.members["meta"]}, report
+
+    from_scan, report = meta_vectors(pooled, text)
+    embedded, local_report = meta_vectors(local, text)
+    indexed = [t for e, t in zip(entries, texts) if e.status == "ok"]
+    assert report.texts_from_catalog == len(set(indexed)) and local_report.texts_from_catalog == 0
+    assert from_scan.keys() == embedded.keys() and from_scan
+    assert all(float(from_scan[n] @ embedded[n]) > 0.9999 for n in from_scan)
+    assert meta_vectors(pooled, HashingEmbedder(64))[1].texts_from_catalog == 0
+
+    first = next(e for e in entries if e.status == "ok")
+    first.path.with_suffix(".civitai.info").write_text(json.dumps({"trainedWords": ["zzq"]}))   # new metadata
+    pooled.scan(lib, workers=2)   # one changed file: read in this process, its stored vector dropped
+    assert first.id not in pooled.text_vectors([first.id], text.fingerprint())
+    assert len(pooled.text_vectors([e.id for e in entries], text.fingerprint())) == len(entries) - 1
+    pooled.close()
+    local.close()

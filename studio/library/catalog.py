@@ -9,6 +9,11 @@ A scan also stores, per readable file, what a features hook computes from the Lo
 default the retrieval weight descriptor's raw blocks, `retrieval.descriptor.catalog_features`), in the
 ``features`` table, written and deleted in the file's own transaction; `LibraryIndex` then needs no second read
 of the file. Schema 2 added that table; a schema-1 catalog gains it when opened (its rows have no features).
+
+Big scans, whose files are read in worker processes, also store each readable file's metadata-text vector from the
+packaged sentence model (`retrieval.text.catalog_text_vectors`, in the ``text_vectors`` table, written and deleted
+like its features): the workers embed the texts beside reading the files, and the index does not embed them again.
+Schema 3 added that table; older catalogs gain it when opened (their rows have no text vectors).
 """
 from __future__ import annotations
 
@@ -48,7 +53,7 @@ def cache_dir(library: str | Path) -> Path:
     return library / ".studio"
 
 
-SCHEMA_VERSION = 2   # 2: the features and feature_layouts tables (a version-1 catalog is migrated on open)
+SCHEMA_VERSION = 3   # 2: the features and feature_layouts tables; 3: text_vectors (older catalogs: migrated on open)
 LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 _SCHEMA = """
@@ -103,6 +108,12 @@ CREATE TABLE IF NOT EXISTS features (
     blocks BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS features_fingerprint ON features (fingerprint, tensor_hash);
+CREATE TABLE IF NOT EXISTS text_vectors (
+    lora_id INTEGER PRIMARY KEY,
+    embedder TEXT NOT NULL,
+    text_key TEXT NOT NULL,
+    vector BLOB NOT NULL
+);
 """
 _JSON_COLUMNS = ("kinds", "ranks", "alphas", "components", "trigger_words", "tags", "sidecar", "metadata", "warnings")
 
@@ -249,6 +260,11 @@ SCAN_BATCH_BYTES = 64 << 20   # ... or fewer, once they hold this many bytes (ea
 # the file with a list of LoRAs, returning per LoRA (fingerprint, names, blocks (len(names), n) float array) or
 # None. A string, so the catalog does not import retrieval (it is imported where the hook first runs).
 DEFAULT_FEATURES = "retrieval.descriptor:catalog_features"
+# What a scan's worker processes store per readable file besides: "module:function", called with a list of
+# {name, alias, trigger_words, description, tags} dicts, returning per item (embedder fingerprint, text key,
+# float32 vector) or None.
+DEFAULT_TEXT_VECTORS = "retrieval.text:catalog_text_vectors"
+TEXT_MIN_FILES = 1024   # below this many files read by workers, none is embedded (each worker loads the model: seconds)
 
 
 @functools.lru_cache(maxsize=8)
@@ -257,7 +273,7 @@ def _features_hook(spec: str) -> Callable | None:
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        log.warning("catalog features hook %s unavailable (%s): no features stored", spec, e)
+        log.warning("catalog hook %s unavailable (%s): nothing stored by it", spec, e)
         return None
 
 
@@ -300,15 +316,37 @@ def _features_of(loras: list[LoRA], spec: str | None) -> list[tuple | None]:
     return out
 
 
-def analyse_files(paths: Sequence[str | Path], features: str | None = DEFAULT_FEATURES) -> list[tuple | None]:
+def _text_vectors_of(items: list[dict], spec: str | None) -> list[tuple | None]:
+    """Text vectors of readable files' metadata as rows for the catalog: (embedder, text key, float32 blob) or None."""
+    hook = _features_hook(spec) if spec else None
+    if hook is None or not items:
+        return [None] * len(items)
+    try:
+        found = hook(items)
+    except Exception as e:   # no vectors stored: the index embeds these texts itself
+        log.warning("text vectors hook failed (%s: %s); the index will embed these texts", type(e).__name__, e)
+        return [None] * len(items)
+    return [None if v is None else (v[0], v[1], np.asarray(v[2], dtype=np.float32).tobytes()) for v in found]
+
+
+def _metadata_of(path: Path, record: dict) -> dict:
+    """What retrieval's metadata text is made of, from a readable file's column values."""
+    return {"name": path.stem, "alias": record["alias"], "trigger_words": json.loads(record["trigger_words"]),
+            "description": record["description"], "tags": json.loads(record["tags"])}
+
+
+def analyse_files(paths: Sequence[str | Path], features: str | None = DEFAULT_FEATURES,
+                  text_vectors: str | None = None) -> list[tuple | None]:
     """The per-file work of a scan, free of the database, per path: (size, mtime_ns, sidecar stamp, sha256, tensor
-    hash, column values, features row or None), or None if the file vanished. Runs in worker processes on big
-    scans; the features of the files read are computed together."""
+    hash, column values, features row or None, text vector row or None), or None if the file vanished. Runs in
+    worker processes on big scans; the features (and text vectors) of the files read are computed together."""
     out, read, held = [], [], 0
 
     def featurise():
-        for item, row in zip(read, _features_of([lora for _, lora in read], features)):
+        for item, row in zip(read, _features_of([lora for _, lora, _ in read], features)):
             item[0][6] = row
+        for item, row in zip(read, _text_vectors_of([meta for _, _, meta in read], text_vectors)):
+            item[0][7] = row
         read.clear()
 
     for path in map(Path, paths):
@@ -321,9 +359,9 @@ def analyse_files(paths: Sequence[str | Path], features: str | None = DEFAULT_FE
         except FileNotFoundError:
             out.append(None)
             continue
-        out.append([st.st_size, st.st_mtime_ns, stamp, sha, tensor_hash, record, None])
+        out.append([st.st_size, st.st_mtime_ns, stamp, sha, tensor_hash, record, None, None])
         if lora is not None:
-            read.append((out[-1], lora))
+            read.append((out[-1], lora, _metadata_of(path, record) if text_vectors else None))
             held += st.st_size
             if held >= SCAN_BATCH_BYTES:
                 featurise()
@@ -332,9 +370,10 @@ def analyse_files(paths: Sequence[str | Path], features: str | None = DEFAULT_FE
     return [tuple(a) if a is not None else None for a in out]
 
 
-def analyse_file(path: str | Path, features: str | None = DEFAULT_FEATURES) -> tuple | None:
+def analyse_file(path: str | Path, features: str | None = DEFAULT_FEATURES,
+                 text_vectors: str | None = None) -> tuple | None:
     """`analyse_files` of one file."""
-    return analyse_files([path], features)[0]
+    return analyse_files([path], features, text_vectors)[0]
 
 
 def exit_with_parent(parent_pid: int) -> None:
@@ -357,16 +396,19 @@ def _init_scan_worker(parent_pid: int) -> None:
     exit_with_parent(parent_pid)
 
 
-def _analysed(paths: list[Path], workers: int, features: str | None = DEFAULT_FEATURES):
+def _analysed(paths: list[Path], workers: int, features: str | None = DEFAULT_FEATURES,
+              text_vectors: str | None = DEFAULT_TEXT_VECTORS):
     """analyse_files over `paths`, in order, one analysis per path: a process pool of `workers` when there are
     enough files (each file's database write stays in the scanning process, one transaction each, so a kill still
-    leaves a consistent catalog)."""
+    leaves a consistent catalog). Text vectors are computed by pool workers only, and from TEXT_MIN_FILES files."""
     batches = [paths[i:i + SCAN_BATCH] for i in range(0, len(paths), SCAN_BATCH)]
     analyse = functools.partial(analyse_files, features=features)
     if workers <= 1 or len(paths) < POOL_MIN_FILES:
         for batch in batches:
             yield from analyse(batch)
         return
+    pooled = functools.partial(analyse_files, features=features,
+                               text_vectors=text_vectors if len(paths) >= TEXT_MIN_FILES else None)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -376,7 +418,7 @@ def _analysed(paths: list[Path], workers: int, features: str | None = DEFAULT_FE
                                initializer=_init_scan_worker, initargs=(os.getpid(),))
     done = 0
     try:
-        for analyses in pool.map(analyse, batches):
+        for analyses in pool.map(pooled, batches):
             yield from analyses
             done += 1
     except BrokenProcessPool:   # e.g. a script without `if __name__ == "__main__":` (spawned workers re-run it)
@@ -393,11 +435,13 @@ def _analysed(paths: list[Path], workers: int, features: str | None = DEFAULT_FE
 class Catalog:
     """SQLite catalog of LoRA files (WAL journal, one transaction per file)."""
 
-    def __init__(self, db_path: str | Path, features: str | None = DEFAULT_FEATURES):
-        """`features`: the hook whose output scans store per file ("module:function", see `DEFAULT_FEATURES`;
-        None stores none)."""
+    def __init__(self, db_path: str | Path, features: str | None = DEFAULT_FEATURES,
+                 text_vectors: str | None = DEFAULT_TEXT_VECTORS):
+        """`features`, `text_vectors`: the hooks whose output scans store per file ("module:function", see
+        `DEFAULT_FEATURES` and `DEFAULT_TEXT_VECTORS`; None stores none)."""
         self.db_path = Path(db_path)
         self.features_hook = features
+        self.text_vectors_hook = text_vectors
         self._layout_names: dict[int, list[str]] = {}   # feature_layouts rows are never changed nor deleted
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.db_path, isolation_level=None, timeout=30)
@@ -406,11 +450,11 @@ class Catalog:
         self._db.execute("PRAGMA synchronous=NORMAL")
         with self._transaction():
             for statement in filter(str.strip, _SCHEMA.split(";")):
-                self._db.execute(statement)   # IF NOT EXISTS: on a version-1 catalog, adds the features tables
+                self._db.execute(statement)   # IF NOT EXISTS: on an older catalog, adds the newer tables
             row = self._db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] == 1:   # migrated in place: its rows have no stored features (the index reads their files)
+            elif row[0] in (1, 2):   # migrated in place: rows without features or text vectors (the index makes them)
                 self._db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise RuntimeError(
@@ -459,6 +503,7 @@ class Catalog:
                 with self._transaction():
                     self._db.execute("DELETE FROM loras WHERE id = ?", (row["id"],))
                     self._db.execute("DELETE FROM features WHERE lora_id = ?", (row["id"],))
+                    self._db.execute("DELETE FROM text_vectors WHERE lora_id = ?", (row["id"],))
                     self._repair_duplicates(row["tensor_hash"])
                 report.removed.append(path)
         changed = []
@@ -470,7 +515,7 @@ class Catalog:
                     changed.append(path)
             except FileNotFoundError:
                 continue  # deleted while scanning; the next scan forgets it
-        results = _analysed(changed, workers, self.features_hook)
+        results = _analysed(changed, workers, self.features_hook, self.text_vectors_hook)
         try:
             for path, analysis in zip(changed, results):
                 if analysis is not None:
@@ -489,12 +534,14 @@ class Catalog:
         return (row["size"], row["mtime_ns"], row["sidecar_stamp"]) == (st.st_size, st.st_mtime_ns, stamp)
 
     def _scan_file(self, path: Path, row: sqlite3.Row | None, report: ScanReport, analysis: tuple) -> None:
-        size, mtime_ns, stamp, sha, tensor_hash, record, features = analysis
+        size, mtime_ns, stamp, sha, tensor_hash, record, features, text_vector = analysis
         if row and row["file_sha256"] == sha and row["sidecar_stamp"] == stamp:
             with self._transaction():
                 self._db.execute("UPDATE loras SET size = ?, mtime_ns = ? WHERE id = ?", (size, mtime_ns, row["id"]))
                 if features is not None:   # read anyway: kept (a catalog from before features lacks them)
                     self._store_features(row["id"], row["tensor_hash"], features)
+                if text_vector is not None:
+                    self._store_text_vector(row["id"], text_vector)
             report.unchanged += 1
             return
         record = dict(record)
@@ -515,6 +562,7 @@ class Catalog:
             self._repair_duplicates(record["tensor_hash"])
             new = self._db.execute("SELECT id, status, duplicate_of FROM loras WHERE path = ?", (str(path),)).fetchone()
             self._store_features(new["id"], record["tensor_hash"], features)
+            self._store_text_vector(new["id"], text_vector)
         (report.updated if row else report.added).append(str(path))
         if new["status"] == "quarantined":
             report.quarantined.append(f"{path.name}: {record['reason']} (fix: {record['fix']})")
@@ -534,6 +582,13 @@ class Catalog:
             "INSERT INTO features (lora_id, tensor_hash, fingerprint, layout, dtype, blocks) VALUES (?, ?, ?, ?, ?, ?)",
             (lora_id, tensor_hash, fingerprint, layout, dtype, blob),
         )
+
+    def _store_text_vector(self, lora_id: int, text_vector: tuple | None) -> None:
+        """Replace a row's stored metadata-text vector (inside the row's transaction)."""
+        self._db.execute("DELETE FROM text_vectors WHERE lora_id = ?", (lora_id,))
+        if text_vector is not None:
+            self._db.execute("INSERT INTO text_vectors (lora_id, embedder, text_key, vector) VALUES (?, ?, ?, ?)",
+                             (lora_id, *text_vector))
 
     def _repair_duplicates(self, tensor_hash: str | None) -> None:
         """Make the lowest id with this tensor hash the original and the others its duplicates."""
@@ -616,6 +671,22 @@ class Catalog:
                 if not names or blocks.size % len(names):
                     continue
                 out[lora_id] = StoredFeatures(tensor_hash, fingerprint, names, blocks.reshape(len(names), -1))
+        return out
+
+
+    def text_vectors(self, ids: Sequence[int], embedder: str) -> dict[int, tuple[str, np.ndarray]]:
+        """{id: (text key, float32 vector)}: the metadata-text vectors a scan stored for these LoRAs with the
+        embedder whose fingerprint is `embedder` (those without any are left out)."""
+        out: dict[int, tuple[str, np.ndarray]] = {}
+        ids = list(ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = self._db.execute(
+                f"SELECT lora_id, text_key, vector FROM text_vectors "
+                f"WHERE embedder = ? AND lora_id IN ({', '.join('?' * len(chunk))})", (embedder, *chunk),
+            )
+            for lora_id, key, blob in rows:
+                out[lora_id] = key, np.frombuffer(blob, dtype=np.float32)
         return out
 
 
