@@ -111,6 +111,12 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
                         f"<= {0.6 * n:.1f} (0.6 N)", c["ratio_to_base"] <= 0.6 * n)
     if not speed_rows:
         add("Fusion speed", "step cost", None, "<= 1.10x base on CPU", False)
+    # CMLoRA vs Composite at real UNet size (bench/speed.py --methods composite,cmlora --out speed_cmlora.json):
+    # a whole 20-step run per timed call, so the cached steps count as often as in a run
+    for r in sorted(_load("speed_cmlora.json") or [], key=lambda r: (r["device"], r["unet"], r["n_loras"])):
+        if r["method"] == "cmlora" and "speedup_vs_composite" in r:
+            add("Fusion speed", f"{r['device']} {r['unet']}: CMLoRA vs Composite, {r['n_loras']} rank-{r['rank']} LoRAs, "
+                "speed-up per step over a run", r["speedup_vs_composite"], ">= 1.8", r["speedup_vs_composite"] >= 1.8)
 
     ret = _load("retrieval.json") or {}
     fused, wo, scale = ret.get("fused", {}), ret.get("weights_only_unseen", {}), ret.get("scale", {})
