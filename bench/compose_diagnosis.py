@@ -25,6 +25,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,8 +56,6 @@ def layer_mask_schedule():
 
         def bind(self, binding):
             super().bind(binding)
-            import torch
-
             keep = torch.tensor([bool(self.pattern.search(x)) for x in binding.unet_layers], dtype=torch.float32)
             self.unet_table = self.unet_table * keep[None]
 
@@ -74,8 +73,6 @@ def run_with_schedule(studio, prompt: str, seed: int, schedule, names: list[str]
         if n not in rt.loras:
             rt.load(n, studio._lora(n))
     rt.activate(names, schedule)
-    import torch
-
     try:
         gen = torch.Generator("cpu").manual_seed(seed)
         return studio.pipe(prompt, num_inference_steps=args.steps, guidance_scale=args.cfg, generator=gen).images[0]
@@ -90,8 +87,6 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "compose_diagnosis.json"))
     args = ap.parse_args(argv)
-    import torch
-
     torch.set_num_threads(2)
     from studio.api import Studio
     from studio.tinyworld.judge import JudgeModel
