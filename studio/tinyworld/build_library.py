@@ -64,7 +64,7 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
             i += 1
     # style LoRAs trained on narrow, different content: the style-clustering benchmark's hard case
     styles = [c for c in CONCEPTS if c.category == "style"]
-    for rank, steps in ((4, 200), (8, 150)):
+    for rank, steps in ((4, 400), (8, 300)):
         gang = []
         for c in styles:
             for v, content in enumerate(STYLE_CONTENTS[:2] if rank == 4 else STYLE_CONTENTS[2:]):
