@@ -7,14 +7,15 @@ Ground truth (read here only, never by the product): `assets/loras_labels.json`.
   each: red circles, blue squares, …), labelled by style: the same style trained on different content, ranks
   and seeds must land together.
 - `library`: every LoRA, labelled by concept.
-Weights: `retrieval.clustering` (output-side Gram sketches of the style layers, silhouette-chosen number of
-clusters). Image baseline: `--images` samples per LoRA generated with the LoRA alone (same prompts and seeds for
+Weights: `retrieval.clustering` (output-side Gram sketches of the style layers, centred within groups of LoRAs
+trained from one initialisation, silhouette-chosen number of clusters). Image baseline: `--images` samples per LoRA generated with the LoRA alone (same prompts and seeds for
 every LoRA, the concept's trigger word in the prompt), embedded with the judge CNN's pooled features (a network
 trained on TinyWorld renders: a stronger image encoder for this world than a generic CLIP/DINO would be), mean
 per LoRA, then the same clustering. Both are reported with the number of clusters chosen automatically and at
 the true number. `layers`: clustering quality (ARI at the true number of clusters) of each layer group and
 attention projection on its own: the measurement behind `retrieval.clustering.STYLE_LAYERS`.
-`seconds_10k`: clustering 10 000 synthetic 32-d descriptors (40 styles) on this machine.
+`seconds_10k`: clustering 10 000 synthetic 32-d descriptors (40 styles) on this machine, shared-initialisation
+grouping of their synthetic 512-d fingerprints included (`seconds_10k_init_groups`).
 `style_shown`: how often the judge sees each style LoRA's own style in its image-baseline samples, by kind of
 LoRA (headline, community variant, trained on one narrow content): a family whose LoRAs never learned their style
 cannot be recovered from their weights either.
@@ -34,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine  # noqa: E402
-from retrieval.clustering import (STYLE_LAYERS, _attention_part, cluster_styles, coords_2d,  # noqa: E402
-                                  features_from_blocks, layer_group, metadata_words, module_blocks, name_clusters,
-                                  style_map)
+from retrieval.clustering import (MIN_GROUP, STYLE_LAYERS, _attention_part, centre_groups, cluster_styles,  # noqa: E402
+                                  coords_2d,
+                                  features_from_blocks, layer_group, metadata_words, name_clusters,
+                                  shared_init_groups, style_map, weight_summaries)
 from studio.library.formats import read_lora  # noqa: E402
 
 
@@ -132,13 +134,27 @@ def main(argv=None):
     category = [labels[r]["category"] for r in rels]
     t0 = time.time()
     loras = [read_lora(p) for p in paths]
-    blocks = module_blocks(loras)
+    blocks, fingerprints = weight_summaries(loras)
     seconds_per_lora = (time.time() - t0) / len(loras)
     sets = {"styles": [i for i, c in enumerate(category) if c == "style"], "library": list(range(len(rels)))}
+    init_groups = {name: shared_init_groups(fingerprints[idx]) for name, idx in sets.items()}
     result = {"machine": machine(), "n_loras": len(rels), "sets": {k: len(v) for k, v in sets.items()},
               "feature_seconds_per_lora": round(seconds_per_lora, 4)}
+    # shared initialisations found from the weights, against the truth (same seed and rank = same init)
+    from sklearn.metrics import adjusted_rand_score
+
+    result["init_groups"] = {}
+    for name, idx in sets.items():
+        g = init_groups[name]
+        ids, counts = np.unique(g, return_counts=True)
+        runs = [f"{labels[rels[i]]['seed']}_{labels[rels[i]]['rank']}" for i in idx]
+        result["init_groups"][name] = {"groups": int(len(ids)), "centred_groups": int((counts >= MIN_GROUP).sum()),
+                                       "centred_loras": int(counts[counts >= MIN_GROUP].sum()),
+                                       "ari_vs_seed_and_rank": round(float(adjusted_rand_score(runs, g)), 4)}
+    print("shared initialisations", json.dumps(result["init_groups"]))
 
     # which layers carry style: each layer group and each attention projection alone, at the true k
+    # (features centred within shared initialisations, as the product does; "STYLE_LAYERS, not centred": before)
     groups = sorted({layer_group(m) for b in blocks for m in b})
     parts = sorted({_attention_part(m) for b in blocks for m in b} - {None})
     layer_table = {}
@@ -148,15 +164,23 @@ def main(argv=None):
         row = {}
         for set_name, idx in sets.items():
             truth = [concept[i] for i in idx]
-            X = features_from_blocks([blocks[i] for i in idx], layers=pred)
+            X = features_from_blocks([blocks[i] for i in idx], layers=pred, groups=init_groups[set_name])
             row[set_name] = scores(truth, cluster_styles(X, k=len(set(truth))).labels)["ari"]
         layer_table[name] = row
         print(f"{name:28s} styles ARI {row['styles']:.3f}  library ARI {row['library']:.3f}")
+    row = {}
+    for set_name, idx in sets.items():
+        truth = [concept[i] for i in idx]
+        X = features_from_blocks([blocks[i] for i in idx], layers=STYLE_LAYERS)
+        row[set_name] = scores(truth, cluster_styles(X, k=len(set(truth))).labels)["ari"]
+    layer_table["STYLE_LAYERS, not centred"] = row
+    print(f"{'STYLE_LAYERS, not centred':28s} styles ARI {row['styles']:.3f}  library ARI {row['library']:.3f}")
     for feat in (("out_gram",), ("out_gram", "spectrum"), ("in_gram",), ("bilinear",)):
         row = {}
         for set_name, idx in sets.items():
             truth = [concept[i] for i in idx]
-            X = features_from_blocks([blocks[i] for i in idx], layers=STYLE_LAYERS, parts=feat)
+            X = features_from_blocks([blocks[i] for i in idx], layers=STYLE_LAYERS, parts=feat,
+                                     groups=init_groups[set_name])
             row[set_name] = scores(truth, cluster_styles(X, k=len(set(truth))).labels)["ari"]
         layer_table["parts:" + "+".join(feat)] = row
         print(f"{'parts:' + '+'.join(feat):28s} styles ARI {row['styles']:.3f}  library ARI {row['library']:.3f}")
@@ -169,7 +193,7 @@ def main(argv=None):
     feats = {}
     result["weights_by_set"] = {}
     for set_name, idx in sets.items():
-        X = features_from_blocks([blocks[i] for i in idx])
+        X = features_from_blocks([blocks[i] for i in idx], groups=init_groups[set_name])
         feats[set_name] = X
         result["weights_by_set"][set_name] = evaluate(X, [concept[i] for i in idx])
     result["weights"] = {k: result["weights_by_set"]["styles"][k] for k in ("ari", "nmi", "k")}
@@ -201,7 +225,16 @@ def main(argv=None):
     centres = rng.normal(size=(40, 32))
     syn = centres[rng.integers(0, 40, 10_000)] + 0.35 * rng.normal(size=(10_000, 32))
     syn /= np.linalg.norm(syn, axis=1, keepdims=True)
+    # and their 512-d init fingerprints, 400 runs of 5 LoRAs sharing an initialisation among them
+    fp = rng.normal(size=(10_000, 512))
+    fp[:2000] = np.repeat(rng.normal(size=(400, 512)), 5, axis=0) + 0.5 * rng.normal(size=(2000, 512))
+    fp = (fp / np.linalg.norm(fp, axis=1, keepdims=True)).astype(np.float32)
     t0 = time.time()
+    g = shared_init_groups(fp)
+    syn = centre_groups(syn, g)
+    syn /= np.linalg.norm(syn, axis=1, keepdims=True)
+    result["seconds_10k_init_groups"] = round(time.time() - t0, 2)
+    result["init_groups_10k"] = int(len(np.unique(g)))
     cluster_styles(syn.astype(np.float32))
     result["seconds_10k"] = round(time.time() - t0, 2)
     print("10k LoRAs clustered in", result["seconds_10k"], "s")

@@ -13,6 +13,15 @@ invariant to any change of basis inside the rank. Each module's block is normali
 rate, steps and rank drop out). Only the layers that carry style are used: `STYLE_LAYERS`, chosen from the
 per-layer measurement that `bench/cluster.py --layers` writes into `bench/results/cluster.json`.
 
+Shared initialisations. LoRAs trained from the same initialisation (one trainer's batch of runs with a fixed
+seed and rank: the same random down matrices) share ΔW's row space, and so the same random input projection P
+in ΔW·ΔWᵀ ≈ G·P·Gᵀ (G: what training pushed). On TinyWorld that shared part outweighs style: LoRAs group by
+training run, not by style (`bench/cluster.py`, "init_groups"). `init_fingerprints` sketches each module's row
+space (off-diagonal entries of R·V·Vᵀ·Rᵀ for a fixed random R: their inner products estimate the row-space
+overlap ‖V₁ᵀV₂‖², near 0 for independent inits), `shared_init_groups` links LoRAs whose row spaces overlap,
+and `features_from_blocks` subtracts each group's mean feature (groups of `MIN_GROUP` or more; a lone LoRA, or
+two copies of one file, are left as they are) before PCA.
+
 Clustering. Up to a few hundred LoRAs: average-linkage (cosine) agglomerative clustering, cut at the number of
 clusters with the best silhouette. Larger libraries are first reduced to `MICRO` k-means micro-clusters and
 the tree is built on their centroids (10 000 LoRAs take seconds on 2 cores).
@@ -26,13 +35,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
+import torch
 
 from studio.library.canonical import LoRA
 
-from .descriptor import DescriptorConfig, lora_svds_many, raw_blocks_many
+from .descriptor import DescriptorConfig, ModuleSVD, lora_svds_many, random_projection, raw_blocks_many
 
 MICRO = 300          # micro-clusters above which k-means pre-reduces the library
 SILHOUETTE_SAMPLE = 2500
+INIT_SKETCH = 16     # rows of the random sketch of each module's row space (120 off-diagonal entries)
+INIT_DIM = 512       # fingerprints longer than this are projected down to it (inner products kept)
+INIT_OVERLAP = 0.5   # fingerprint cosine above which two LoRAs share an initialisation
+MIN_GROUP = 3        # shared-initialisation groups at least this large are centred
 
 
 def _attention_part(name: str) -> str | None:
@@ -79,11 +93,97 @@ def module_blocks(loras: Sequence[LoRA], cfg: DescriptorConfig = FEATURE_CONFIG)
     return raw_blocks_many(lora_svds_many(list(loras), k=cfg.top_k), cfg)
 
 
+def weight_summaries(loras: Sequence[LoRA], cfg: DescriptorConfig = FEATURE_CONFIG
+                     ) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """`module_blocks` and `init_fingerprints` of `loras`, from one SVD pass."""
+    svds = lora_svds_many(list(loras), k=cfg.top_k)
+    return raw_blocks_many(svds, cfg), init_fingerprints(loras, svds)
+
+
+def _init_module(name: str) -> bool:
+    return _attention_part(name) is not None or (name.startswith("text_encoder") and ".self_attn." in name)
+
+
+def _row_space(module, svd: ModuleSVD | None) -> torch.Tensor | None:
+    """Orthonormal basis (in, r) of ΔW's row space: the down matrix's rows for LoRA/LoCon (the whole space, not
+    just the top singular directions), else the kept right singular vectors."""
+    if module.kind in ("lora", "locon") and "mid" not in module.factors:
+        down = module.factors["down"].float().flatten(1)
+        q, r = torch.linalg.qr(down.T)
+        live = r.diagonal().abs() > r.diagonal().abs().max().clamp_min(1e-12) * 1e-3
+        return q[:, live]
+    if svd is None:
+        return None
+    return svd.V[:, svd.S > svd.S[:1].clamp_min(1e-12) * 1e-3]
+
+
+def init_fingerprints(loras: Sequence[LoRA], svds: Sequence[dict[str, ModuleSVD]] | None = None,
+                      seed: int = 0) -> np.ndarray:
+    """(n, ≤INIT_DIM) unit rows whose inner products estimate how much two LoRAs' ΔW row spaces overlap
+    (mean over the attention modules both have of ‖V₁ᵀV₂‖²/√(r₁r₂)): ≈1 for LoRAs trained from one
+    initialisation, ≈r/d for independent ones. Zero rows for LoRAs without attention modules."""
+    svds = svds or [{} for _ in loras]
+    names = sorted({m for lo in loras for m in lo.modules if _init_module(m)})
+    t = INIT_SKETCH
+    iu = np.triu_indices(t, 1)
+    width = len(iu[0])
+    F = np.zeros((len(svds), len(names) * width), dtype=np.float32)
+    for j, m in enumerate(names):
+        for i, lo in enumerate(loras):
+            if m not in lo.modules:
+                continue
+            V = _row_space(lo.modules[m], svds[i].get(m))           # (in, r) orthonormal columns
+            if V is None or V.shape[1] == 0:
+                continue
+            RV = random_projection(V.shape[0], t, seed, "init") @ V  # (t, k)
+            G = (RV @ RV.T).numpy()
+            F[i, j * width:(j + 1) * width] = G[iu] / np.sqrt(V.shape[1])
+    if F.shape[1] > INIT_DIM:
+        P = random_projection(F.shape[1], INIT_DIM, seed, "init-dim").numpy()
+        F = F @ P.T
+    return F / np.linalg.norm(F, axis=1, keepdims=True).clip(1e-12)
+
+
+def shared_init_groups(fingerprints: np.ndarray, overlap: float = INIT_OVERLAP, chunk: int = 2048) -> np.ndarray:
+    """Group id per LoRA: LoRAs linked (transitively) by a fingerprint cosine above `overlap`."""
+    n = len(fingerprints)
+    parent = np.arange(n)
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for start in range(0, n, chunk):
+        S = fingerprints[start:start + chunk] @ fingerprints.T
+        rows, cols = np.nonzero(S > overlap)
+        for a, b in zip(rows + start, cols):
+            if a < b:
+                ra, rb = find(int(a)), find(int(b))
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    return np.array([find(i) for i in range(n)])
+
+
+def centre_groups(X: np.ndarray, groups: np.ndarray | None, min_size: int = MIN_GROUP) -> np.ndarray:
+    """`X` with each group's mean row subtracted from its members (groups of at least `min_size`)."""
+    if groups is None:
+        return X
+    X = X.copy()
+    ids, counts = np.unique(groups, return_counts=True)
+    for g in ids[counts >= min_size]:
+        member = groups == g
+        X[member] -= X[member].mean(axis=0)
+    return X
+
+
 def features_from_blocks(blocks: Sequence[dict[str, np.ndarray]], layers: Callable[[str], bool] | None = STYLE_LAYERS,
                          parts: Sequence[str] = ("out_gram",), cfg: DescriptorConfig = FEATURE_CONFIG,
-                         dim: int = 32) -> np.ndarray:
+                         dim: int = 32, groups: np.ndarray | None = None) -> np.ndarray:
     """(n, ≤dim) unit vectors: the chosen parts of the chosen modules' blocks, laid out over the union of
-    module names, PCA-reduced (on the library itself) and L2-normalised."""
+    module names, centred within shared-initialisation `groups` (see `shared_init_groups`; None: no centring),
+    PCA-reduced (on the library itself) and L2-normalised."""
     names = sorted({m for b in blocks for m in b if layers is None or layers(m)})
     if not names and layers is STYLE_LAYERS:   # LoRAs that skip those blocks (SDXL's layout, partial LoRAs):
         names = sorted({m for b in blocks for m in b if _attention_part(m) is not None})   # any attention
@@ -104,6 +204,7 @@ def features_from_blocks(blocks: Sequence[dict[str, np.ndarray]], layers: Callab
         rows.append(np.concatenate(vec))
     X = np.stack(rows).astype(np.float64)
     X /= np.linalg.norm(X, axis=1, keepdims=True).clip(1e-12)
+    X = centre_groups(X, groups)
     X -= X.mean(axis=0)
     k = min(dim, max(1, X.shape[0] - 1), X.shape[1])
     if X.shape[0] > 2:
@@ -114,8 +215,10 @@ def features_from_blocks(blocks: Sequence[dict[str, np.ndarray]], layers: Callab
 
 def style_features(loras: Sequence[LoRA], layers: Callable[[str], bool] | None = STYLE_LAYERS,
                    dim: int = 32) -> np.ndarray:
-    """Weight-only style features of `loras` (all of one base family): (n, ≤dim), unit rows."""
-    return features_from_blocks(module_blocks(loras), layers=layers, dim=dim)
+    """Weight-only style features of `loras` (all of one base family): (n, ≤dim), unit rows, with what LoRAs
+    trained from one initialisation share taken out."""
+    blocks, fingerprints = weight_summaries(loras)
+    return features_from_blocks(blocks, layers=layers, dim=dim, groups=shared_init_groups(fingerprints))
 
 
 # ------------------------------------------------------------------------------------------------ clustering

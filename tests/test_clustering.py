@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from sklearn.metrics import adjusted_rand_score
 
-from retrieval.clustering import (cluster_styles, coords_2d, metadata_words, name_clusters, style_features,
-                                  style_map)
+from retrieval.clustering import (STYLE_LAYERS, cluster_styles, coords_2d, features_from_blocks, metadata_words,
+                                  name_clusters, shared_init_groups, style_features, style_map, weight_summaries)
 from studio.library.canonical import LoRA, ModuleLoRA
 
 MODULES = ["unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0",
@@ -52,6 +52,41 @@ def test_features_ignore_the_inner_basis_and_the_scale():
     twin = LoRA({k: ModuleLoRA("lora", {"down": torch.linalg.inv(R) @ v.factors["down"], "up": v.factors["up"] @ R},
                                alpha=v.alpha * 7) for k, v in loras[0].modules.items()}, family="tinyworld")
     X = style_features(loras + [twin])
+    assert float(X[0] @ X[-1]) > 0.999
+
+
+def batch_runs(n_runs=3, n_styles=4, seed=1):
+    """`n_runs` training runs, each from one initialisation (one down matrix A per module, as a fixed trainer seed
+    leaves it) and with a strong run-specific output direction (what the run's shared data and noise leave),
+    each run training one LoRA of every style."""
+    g = torch.Generator().manual_seed(seed)
+    style_dirs = [{m: torch.randn(64, 4, generator=g) for m in MODULES} for _ in range(n_styles)]
+    loras, style, run = [], [], []
+    for r in range(n_runs):
+        A = {m: torch.linalg.qr(torch.randn(64, 8, generator=g))[0].T for m in MODULES}   # rank 8
+        bias = {m: torch.randn(64, 4, generator=g) for m in MODULES}
+        for s in range(n_styles):
+            mods = {m: ModuleLoRA("lora", {"down": A[m], "up": torch.cat([style_dirs[s][m], bias[m]], 1)
+                                  + 0.1 * torch.randn(64, 8, generator=g)}, alpha=8.0) for m in MODULES}
+            loras.append(LoRA(mods, family="tinyworld"))
+            style.append(s)
+            run.append(r)
+    return loras, style, run
+
+
+def test_what_loras_of_one_initialisation_share_is_taken_out():
+    loras, style, run = batch_runs()
+    blocks, fingerprints = weight_summaries(loras)
+    groups = shared_init_groups(fingerprints)
+    assert adjusted_rand_score(run, groups) == 1.0                   # the runs are found from the down matrices
+    raw = cluster_styles(features_from_blocks(blocks, layers=STYLE_LAYERS), k=4)
+    assert adjusted_rand_score(style, raw.labels) < 0.2               # uncorrected, LoRAs group by run
+    result = cluster_styles(style_features(loras))
+    assert result.k == 4 and adjusted_rand_score(style, result.labels) == 1.0
+    # independent initialisations are never linked, and two copies of one file stay together
+    solo, _ = style_library(n_styles=2, per_style=3)
+    assert len(set(shared_init_groups(weight_summaries(solo)[1]).tolist())) == len(solo)
+    X = style_features(solo + [solo[0]])
     assert float(X[0] @ X[-1]) > 0.999
 
 
