@@ -8,8 +8,8 @@ Ground truth (read here only, never by the product): `assets/loras_labels.json`.
   and seeds must land together.
 - `library`: every LoRA, labelled by concept.
 Weights: `retrieval.clustering` (output-side Gram sketches of the style layers, centred within groups of LoRAs
-trained from one initialisation, silhouette-chosen number of clusters). Image baseline: `--images` samples per LoRA generated with the LoRA alone (same prompts and seeds for
-every LoRA, the concept's trigger word in the prompt), embedded with the judge CNN's pooled features (a network
+trained from one initialisation, silhouette-chosen number of clusters). Image baseline: `--images` samples per
+LoRA generated with the LoRA alone (same prompts and seeds for every LoRA, the concept's trigger word in the prompt), embedded with the judge CNN's pooled features (a network
 trained on TinyWorld renders: a stronger image encoder for this world than a generic CLIP/DINO would be), mean
 per LoRA, then the same clustering. Both are reported with the number of clusters chosen automatically and at
 the true number. `layers`: clustering quality (ARI at the true number of clusters) of each layer group and
@@ -36,8 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine  # noqa: E402
 from retrieval.clustering import (MIN_GROUP, STYLE_LAYERS, _attention_part, centre_groups, cluster_styles,  # noqa: E402
-                                  coords_2d,
-                                  features_from_blocks, layer_group, metadata_words, name_clusters,
+                                  coords_2d, features_from_blocks, layer_group, metadata_words, name_clusters,
                                   shared_init_groups, style_map, weight_summaries)
 from studio.library.formats import read_lora  # noqa: E402
 
@@ -158,23 +157,17 @@ def main(argv=None):
     groups = sorted({layer_group(m) for b in blocks for m in b})
     parts = sorted({_attention_part(m) for b in blocks for m in b} - {None})
     layer_table = {}
-    for name, pred in ([("all", None), ("STYLE_LAYERS", STYLE_LAYERS)]
+    for name, pred in ([("all", None), ("STYLE_LAYERS", STYLE_LAYERS), ("STYLE_LAYERS, not centred", STYLE_LAYERS)]
                        + [(f"block:{g}", (lambda m, g=g: layer_group(m) == g)) for g in groups]
                        + [(f"proj:{p}", (lambda m, p=p: _attention_part(m) == p)) for p in parts]):
         row = {}
         for set_name, idx in sets.items():
             truth = [concept[i] for i in idx]
-            X = features_from_blocks([blocks[i] for i in idx], layers=pred, groups=init_groups[set_name])
+            centred = None if name.endswith("not centred") else init_groups[set_name]
+            X = features_from_blocks([blocks[i] for i in idx], layers=pred, groups=centred)
             row[set_name] = scores(truth, cluster_styles(X, k=len(set(truth))).labels)["ari"]
         layer_table[name] = row
         print(f"{name:28s} styles ARI {row['styles']:.3f}  library ARI {row['library']:.3f}")
-    row = {}
-    for set_name, idx in sets.items():
-        truth = [concept[i] for i in idx]
-        X = features_from_blocks([blocks[i] for i in idx], layers=STYLE_LAYERS)
-        row[set_name] = scores(truth, cluster_styles(X, k=len(set(truth))).labels)["ari"]
-    layer_table["STYLE_LAYERS, not centred"] = row
-    print(f"{'STYLE_LAYERS, not centred':28s} styles ARI {row['styles']:.3f}  library ARI {row['library']:.3f}")
     for feat in (("out_gram",), ("out_gram", "spectrum"), ("in_gram",), ("bilinear",)):
         row = {}
         for set_name, idx in sets.items():

@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from studio.library.canonical import LoRA
+from studio.library.canonical import LoRA, ModuleLoRA
 
 from .descriptor import DescriptorConfig, ModuleSVD, lora_svds_many, random_projection, raw_blocks_many
 
@@ -88,14 +88,10 @@ def _split_block(block: np.ndarray, cfg: DescriptorConfig) -> dict[str, np.ndarr
             "in_gram": block[d * d + t: d * d + 2 * t], "spectrum": block[d * d + 2 * t: d * d + 2 * t + k]}
 
 
-def module_blocks(loras: Sequence[LoRA], cfg: DescriptorConfig = FEATURE_CONFIG) -> list[dict[str, np.ndarray]]:
-    """Per LoRA: module name -> raw descriptor block (see `retrieval.descriptor`)."""
-    return raw_blocks_many(lora_svds_many(list(loras), k=cfg.top_k), cfg)
-
-
 def weight_summaries(loras: Sequence[LoRA], cfg: DescriptorConfig = FEATURE_CONFIG
                      ) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
-    """`module_blocks` and `init_fingerprints` of `loras`, from one SVD pass."""
+    """Per LoRA, {module name: raw descriptor block} (see `retrieval.descriptor`), and the `init_fingerprints`
+    of `loras`, from one SVD pass."""
     svds = lora_svds_many(list(loras), k=cfg.top_k)
     return raw_blocks_many(svds, cfg), init_fingerprints(loras, svds)
 
@@ -104,7 +100,7 @@ def _init_module(name: str) -> bool:
     return _attention_part(name) is not None or (name.startswith("text_encoder") and ".self_attn." in name)
 
 
-def _row_space(module, svd: ModuleSVD | None) -> torch.Tensor | None:
+def _row_space(module: ModuleLoRA, svd: ModuleSVD | None) -> torch.Tensor | None:
     """Orthonormal basis (in, r) of ΔW's row space: the down matrix's rows for LoRA/LoCon (the whole space, not
     just the top singular directions), else the kept right singular vectors."""
     if module.kind in ("lora", "locon") and "mid" not in module.factors:
@@ -145,25 +141,19 @@ def init_fingerprints(loras: Sequence[LoRA], svds: Sequence[dict[str, ModuleSVD]
 
 
 def shared_init_groups(fingerprints: np.ndarray, overlap: float = INIT_OVERLAP, chunk: int = 2048) -> np.ndarray:
-    """Group id per LoRA: LoRAs linked (transitively) by a fingerprint cosine above `overlap`."""
+    """Group id per LoRA: connected components of the LoRAs linked by a fingerprint cosine above `overlap`."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     n = len(fingerprints)
-    parent = np.arange(n)
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    rows, cols = [], []
     for start in range(0, n, chunk):
-        S = fingerprints[start:start + chunk] @ fingerprints.T
-        rows, cols = np.nonzero(S > overlap)
-        for a, b in zip(rows + start, cols):
-            if a < b:
-                ra, rb = find(int(a)), find(int(b))
-                if ra != rb:
-                    parent[max(ra, rb)] = min(ra, rb)
-    return np.array([find(i) for i in range(n)])
+        r, c = np.nonzero(fingerprints[start:start + chunk] @ fingerprints.T > overlap)
+        rows.append(r + start)
+        cols.append(c)
+    rows, cols = np.concatenate(rows or [np.zeros(0, int)]), np.concatenate(cols or [np.zeros(0, int)])
+    links = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    return connected_components(links, directed=False)[1]
 
 
 def centre_groups(X: np.ndarray, groups: np.ndarray | None, min_size: int = MIN_GROUP) -> np.ndarray:
