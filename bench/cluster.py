@@ -35,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine  # noqa: E402
-from retrieval.clustering import (MIN_GROUP, STYLE_LAYERS, _attention_part, centre_groups, cluster_styles,  # noqa: E402
-                                  coords_2d, features_from_blocks, layer_group, metadata_words, name_clusters,
-                                  shared_init_groups, style_map, weight_summaries)
+from retrieval.clustering import (STYLE_LAYERS, cluster_styles, coords_2d, features_from_blocks,  # noqa: E402
+                                  layer_group, metadata_words, name_clusters, style_map, weight_summaries)
+from retrieval.descriptor import attention_part  # noqa: E402
+from retrieval.shared_init import MIN_GROUP, centre_groups, shared_init_groups  # noqa: E402
 from studio.library.formats import read_lora  # noqa: E402
 
 
@@ -155,11 +156,11 @@ def main(argv=None):
     # which layers carry style: each layer group and each attention projection alone, at the true k
     # (features centred within shared initialisations, as the product does; "STYLE_LAYERS, not centred": before)
     groups = sorted({layer_group(m) for b in blocks for m in b})
-    parts = sorted({_attention_part(m) for b in blocks for m in b} - {None})
+    parts = sorted({attention_part(m) for b in blocks for m in b} - {None})
     layer_table = {}
     for name, pred in ([("all", None), ("STYLE_LAYERS", STYLE_LAYERS), ("STYLE_LAYERS, not centred", STYLE_LAYERS)]
                        + [(f"block:{g}", (lambda m, g=g: layer_group(m) == g)) for g in groups]
-                       + [(f"proj:{p}", (lambda m, p=p: _attention_part(m) == p)) for p in parts]):
+                       + [(f"proj:{p}", (lambda m, p=p: attention_part(m) == p)) for p in parts]):
         row = {}
         for set_name, idx in sets.items():
             truth = [concept[i] for i in idx]

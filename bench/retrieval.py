@@ -7,7 +7,9 @@
 1. Quality. Every TinyWorld concept is described by prompts that share no word with its LoRAs' metadata
    (checked: trigger words, kohya tag lists, description, tags, name). The LoRAs are split per concept: the
    learned encoder trains on one part (LoRAs with metadata only) and is scored, weights only, on the other
-   part, ranking only those unseen LoRAs. Fused and metadata-only retrieval rank the whole library. R@1, R@3
+   part, ranking only those unseen LoRAs; so is neighbour transfer (the studio's weights-only channel), with only
+   that part's metadata to transfer. Fused (as the studio runs it: no encoder; and with the encoder) and
+   metadata-only retrieval rank the whole library. R@1, R@3
    and MRR (a hit is any LoRA of the described concept). Auto-pick is scored too: the top pick's concept on
    those prompts, and prompts about nothing in the library, which must pick nothing.
 2. Scale. N synthetic clustered vectors (d=128) in `VectorIndex` (IVF with fp16 codes above its threshold, nprobe tuned):
@@ -220,38 +222,49 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
     train_s = time.monotonic() - t0
     log(f"encoder trained on {len(pairs)} LoRAs in {train_s:.0f}s")
 
+    # as the studio runs by default (no trained encoder: weights-only channel by neighbour transfer), and with the
+    # encoder trained above (its joint channel then takes the weights' place in fused search)
+    plain = LibraryIndex.open(cat, text_embedder=text)
     index = LibraryIndex.open(cat, text_embedder=text, encoder=encoder)
     queries = [(p, c) for c in sorted(set(concepts.values())) for p in PROMPTS[c]]
     relevant = [{i for i, cc in concepts.items() if cc == c} for _, c in queries]
     n_all = len(index)
     out = {}
-    for key, mode in (("fused", "fused"), ("metadata_only", "metadata"), ("lexical_only", "lexical")):
-        hits = index.search_many([p for p, _ in queries], k=n_all, family="tinyworld", mode=mode)
+    for key, mode, idx in (("fused", "fused", plain), ("fused_with_encoder", "fused", index),
+                           ("metadata_only", "metadata", plain), ("lexical_only", "lexical", plain)):
+        hits = idx.search_many([p for p, _ in queries], k=n_all, family="tinyworld", mode=mode)
         out[key] = rank_metrics([[h.id for h in hs] for hs in hits], relevant)
         if key == "fused":   # the misses, for diagnosis: prompt, concept, what came first
             names = {e.id: e.name for e in entries}
             out["fused_misses"] = [{"prompt": p, "concept": c, "top3": [names.get(h.id) for h in hs[:3]]}
                                    for (p, c), hs, rel in zip(queries, hits, relevant)
                                    if not any(h.id in rel for h in hs[:3])]
-    # weights only: queries about concepts with unseen LoRAs, ranking only the unseen LoRAs
-    for key, pool in (("weights_only_unseen", unseen_ids), ("weights_only_seen", train_ids)):
+    # weights only: queries about concepts with unseen LoRAs, ranking only the unseen LoRAs. Neighbour transfer
+    # (the studio's weights-only channel) may transfer only the training split's metadata, as the encoder saw only
+    # that; the learned encoder alone for comparison.
+    plain.build_neighbours(sources=train_ids)
+    for key, pool, idx, mode in (("weights_only_unseen", unseen_ids, plain, "weights"),
+                                 ("weights_only_seen", train_ids, plain, "weights"),
+                                 ("encoder_only_unseen", unseen_ids, index, "encoder"),
+                                 ("encoder_only_seen", train_ids, index, "encoder")):
         qs = [(p, c) for p, c in queries if any(concepts[i] == c for i in pool)]
-        hits = index.search_many([p for p, _ in qs], k=n_all, family="tinyworld", mode="weights")
+        hits = idx.search_many([p for p, _ in qs], k=n_all, family="tinyworld", mode=mode)
         ranked = [[h.id for h in hs if h.id in pool] for hs in hits]
         rel = [{i for i in pool if concepts[i] == c} for _, c in qs]
         out[key] = rank_metrics(ranked, rel)
         out[key]["pool"] = len(pool)
-    # auto-pick: the top pick on concept prompts, and nothing on prompts about nothing in the library
+    plain.build_neighbours()   # back to the studio's own: every LoRA with metadata is a source
+    # auto-pick (as the studio runs it, without an encoder): the top pick on concept prompts, and nothing on prompts about nothing in the library
     top_ok = 0
     misses = []
     for p, c in queries:
-        picks = autopick(p, index, k=3, family="tinyworld")
+        picks = autopick(p, plain, k=3, family="tinyworld")
         ok = bool(picks) and concepts.get(picks[0].id) == c
         top_ok += ok
         if not ok:
             misses.append({"prompt": p, "concept": c, "picks": [(k.name, round(k.score, 3), k.phrase) for k in picks]})
     out["autopick_misses"] = misses
-    empty = sum(not autopick(p, index, k=3, family="tinyworld") for p in NOTHING_FITS)
+    empty = sum(not autopick(p, plain, k=3, family="tinyworld") for p in NOTHING_FITS)
     out["autopick"] = {"top_pick_correct": round(top_ok / len(queries), 4),
                        "nothing_fits_empty": round(empty / len(NOTHING_FITS), 4), "threshold": 0.3}
     out["library"] = {"kind": kind, "paths": [str(lib.relative_to(ROOT)) if lib.is_relative_to(ROOT) else str(lib)

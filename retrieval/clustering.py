@@ -35,23 +35,14 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
-from studio.library.canonical import LoRA, ModuleLoRA
+from studio.library.canonical import LoRA
 
-from .descriptor import DescriptorConfig, ModuleSVD, lora_svds_many, random_projection, raw_blocks_many
+from .descriptor import DescriptorConfig, attention_part, lora_svds_many, raw_blocks_many
+from .shared_init import centre_groups, init_fingerprints, shared_init_groups
 
 MICRO = 300          # micro-clusters above which k-means pre-reduces the library
 SILHOUETTE_SAMPLE = 2500
-INIT_SKETCH = 16     # rows of the random sketch of each module's row space (120 off-diagonal entries)
-INIT_DIM = 512       # fingerprints longer than this are projected down to it (inner products kept)
-INIT_OVERLAP = 0.5   # fingerprint cosine above which two LoRAs share an initialisation
-MIN_GROUP = 3        # shared-initialisation groups at least this large are centred
-
-
-def _attention_part(name: str) -> str | None:
-    m = re.search(r"\.(attn[12])\.(to_q|to_k|to_v|to_out\.0)$", name)
-    return f"{m.group(1)}.{m.group(2)}" if m else None
 
 
 def layer_group(name: str) -> str:
@@ -74,7 +65,7 @@ STYLE_BLOCKS = ("down0", "up2", "up3")
 
 
 def STYLE_LAYERS(name: str) -> bool:  # noqa: N802 - a constant-like predicate
-    return _attention_part(name) in STYLE_PROJECTIONS and layer_group(name) in STYLE_BLOCKS
+    return attention_part(name) in STYLE_PROJECTIONS and layer_group(name) in STYLE_BLOCKS
 
 
 # ------------------------------------------------------------------------------------------------- features
@@ -96,78 +87,6 @@ def weight_summaries(loras: Sequence[LoRA], cfg: DescriptorConfig = FEATURE_CONF
     return raw_blocks_many(svds, cfg), init_fingerprints(loras, svds)
 
 
-def _init_module(name: str) -> bool:
-    return _attention_part(name) is not None or (name.startswith("text_encoder") and ".self_attn." in name)
-
-
-def _row_space(module: ModuleLoRA, svd: ModuleSVD | None) -> torch.Tensor | None:
-    """Orthonormal basis (in, r) of ΔW's row space: the down matrix's rows for LoRA/LoCon (the whole space, not
-    just the top singular directions), else the kept right singular vectors."""
-    if module.kind in ("lora", "locon") and "mid" not in module.factors:
-        down = module.factors["down"].float().flatten(1)
-        q, r = torch.linalg.qr(down.T)
-        live = r.diagonal().abs() > r.diagonal().abs().max().clamp_min(1e-12) * 1e-3
-        return q[:, live]
-    if svd is None:
-        return None
-    return svd.V[:, svd.S > svd.S[:1].clamp_min(1e-12) * 1e-3]
-
-
-def init_fingerprints(loras: Sequence[LoRA], svds: Sequence[dict[str, ModuleSVD]] | None = None,
-                      seed: int = 0) -> np.ndarray:
-    """(n, ≤INIT_DIM) unit rows whose inner products estimate how much two LoRAs' ΔW row spaces overlap
-    (mean over the attention modules both have of ‖V₁ᵀV₂‖²/√(r₁r₂)): ≈1 for LoRAs trained from one
-    initialisation, ≈r/d for independent ones. Zero rows for LoRAs without attention modules."""
-    svds = svds or [{} for _ in loras]
-    names = sorted({m for lo in loras for m in lo.modules if _init_module(m)})
-    t = INIT_SKETCH
-    iu = np.triu_indices(t, 1)
-    width = len(iu[0])
-    F = np.zeros((len(svds), len(names) * width), dtype=np.float32)
-    for j, m in enumerate(names):
-        for i, lo in enumerate(loras):
-            if m not in lo.modules:
-                continue
-            V = _row_space(lo.modules[m], svds[i].get(m))           # (in, r) orthonormal columns
-            if V is None or V.shape[1] == 0:
-                continue
-            RV = random_projection(V.shape[0], t, seed, "init") @ V  # (t, k)
-            G = (RV @ RV.T).numpy()
-            F[i, j * width:(j + 1) * width] = G[iu] / np.sqrt(V.shape[1])
-    if F.shape[1] > INIT_DIM:
-        P = random_projection(F.shape[1], INIT_DIM, seed, "init-dim").numpy()
-        F = F @ P.T
-    return F / np.linalg.norm(F, axis=1, keepdims=True).clip(1e-12)
-
-
-def shared_init_groups(fingerprints: np.ndarray, overlap: float = INIT_OVERLAP, chunk: int = 2048) -> np.ndarray:
-    """Group id per LoRA: connected components of the LoRAs linked by a fingerprint cosine above `overlap`."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(fingerprints)
-    rows, cols = [], []
-    for start in range(0, n, chunk):
-        r, c = np.nonzero(fingerprints[start:start + chunk] @ fingerprints.T > overlap)
-        rows.append(r + start)
-        cols.append(c)
-    rows, cols = np.concatenate(rows or [np.zeros(0, int)]), np.concatenate(cols or [np.zeros(0, int)])
-    links = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
-    return connected_components(links, directed=False)[1]
-
-
-def centre_groups(X: np.ndarray, groups: np.ndarray | None, min_size: int = MIN_GROUP) -> np.ndarray:
-    """`X` with each group's mean row subtracted from its members (groups of at least `min_size`)."""
-    if groups is None:
-        return X
-    X = X.copy()
-    ids, counts = np.unique(groups, return_counts=True)
-    for g in ids[counts >= min_size]:
-        member = groups == g
-        X[member] -= X[member].mean(axis=0)
-    return X
-
-
 def features_from_blocks(blocks: Sequence[dict[str, np.ndarray]], layers: Callable[[str], bool] | None = STYLE_LAYERS,
                          parts: Sequence[str] = ("out_gram",), cfg: DescriptorConfig = FEATURE_CONFIG,
                          dim: int = 32, groups: np.ndarray | None = None) -> np.ndarray:
@@ -176,7 +95,7 @@ def features_from_blocks(blocks: Sequence[dict[str, np.ndarray]], layers: Callab
     PCA-reduced (on the library itself) and L2-normalised."""
     names = sorted({m for b in blocks for m in b if layers is None or layers(m)})
     if not names and layers is STYLE_LAYERS:   # LoRAs that skip those blocks (SDXL's layout, partial LoRAs):
-        names = sorted({m for b in blocks for m in b if _attention_part(m) is not None})   # any attention
+        names = sorted({m for b in blocks for m in b if attention_part(m) is not None})   # any attention
     if not names:
         raise ValueError("no LoRA module matches the style layers; is this a LoRA of an attention model?")
     rows = []

@@ -64,6 +64,12 @@ def module_role(name: str) -> str:
     return f"{parts[0]}:{'.'.join(leaf[-2:])}"
 
 
+def attention_part(name: str) -> str | None:
+    """``attn1.to_q`` ... ``attn2.to_out.0`` for a UNet attention projection, else None."""
+    m = re.search(r"\.(attn[12])\.(to_q|to_k|to_v|to_out\.0)$", name)
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
 # ----------------------------------------------------------------------------------------------- low-rank SVD
 def _lowrank_factors(m: ModuleLoRA) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(B (out, r), A (r, in')) with ΔW = scale·B·A flattened to 2-D, or None when the kind has no such form."""
@@ -556,7 +562,9 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- catalog hook
-BLOCKS_VERSION = 1   # raise whenever `raw_blocks_many` would give other blocks for the same LoRA
+# raise whenever `raw_blocks_many` would give other blocks for the same LoRA, or stored features change
+# (2: stored with an init fingerprint, `retrieval.catalog_features`)
+BLOCKS_VERSION = 2
 
 
 def blocks_fingerprint(cfg: DescriptorConfig) -> str:
@@ -575,12 +583,3 @@ def stored_blocks(blocks: Mapping[str, np.ndarray], cfg: DescriptorConfig) -> tu
         return names, np.zeros((0, cfg.block), np.float16)
     return names, np.stack([blocks[n] for n in names]).astype(np.float16)
 
-
-def catalog_features(loras: Sequence[LoRA],
-                     cfg: DescriptorConfig | None = None) -> list[tuple[str, list[str], np.ndarray]]:
-    """The catalog scan's features hook (`studio.library.catalog.DEFAULT_FEATURES`): per LoRA, (fingerprint, module
-    names, raw blocks float16) for `cfg` (the default descriptor), from the LoRAs the scan has just read."""
-    cfg = cfg or DescriptorConfig()
-    fingerprint = blocks_fingerprint(cfg)
-    packed = pack_svds(list(loras), max(cfg.top_k, 1), signs=False)   # blocks do not depend on the signs
-    return [(fingerprint, *stored_blocks(blocks, cfg)) for blocks in raw_blocks_many(packed, cfg)]

@@ -3,6 +3,8 @@
 Channels (each a `VectorIndex`, one FAISS sub-index per base family):
 
 - ``descriptor``: the training-free weight descriptor (LoRA↔LoRA similarity, categories when tags are missing);
+- ``neighbours``: the weights-only vector by neighbour transfer (`retrieval.neighbours`: the metadata texts of
+  the LoRAs whose weights are nearest, text space, no metadata of the LoRA itself; the default weights channel);
 - ``weights``: the learned encoder's vector of the weights alone (text space: prompt → LoRA, no metadata used);
 - ``joint``: the learned encoder with the metadata token, when the encoder has one;
 - ``meta``: the text embedder's vector of the metadata text (LoRAs with metadata only);
@@ -40,17 +42,20 @@ from .descriptor import (DescriptorConfig, WeightDescriptor, blocks_fingerprint,
                          stored_blocks)
 from .index import VectorIndex, atomic_write
 from .loading import read_factors
+from .neighbours import attention_grams, content_rows, content_space, neighbour_vectors
+from .shared_init import init_fingerprints
 from .text import LexicalIndex, Metadata, TextEmbedder, stems, text_key
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
-DENSE = ("descriptor", "weights", "joint", "meta")
-DEFAULT_FUSION = {"weights": 1.0, "joint": 1.0, "meta": 1.0, "lexical": 1.0}
+DENSE = ("descriptor", "neighbours", "weights", "joint", "meta")
+DEFAULT_FUSION = {"neighbours": 1.0, "weights": 1.0, "joint": 1.0, "meta": 1.0, "lexical": 1.0}
 MODES = {
-    "fused": ("joint|weights", "meta", "lexical"),
+    "fused": ("joint|weights|neighbours", "meta", "lexical"),
     "metadata": ("meta", "lexical"),
-    "weights": ("weights",),
+    "weights": ("neighbours|weights",),
+    "encoder": ("weights",),
     "meta": ("meta",),
     "lexical": ("lexical",),
     "joint": ("joint",),
@@ -144,6 +149,7 @@ class LibraryIndex:
         self.members: dict[str, set[int]] = {}
         self.calibration: dict[str, float] = {}
         self.lexical = LexicalIndex()
+        self._content: dict[int, tuple] = {}   # id -> (attention names, grams, init print): until neighbours are built
         self._forget_derived()
         self._reset_vectors()
 
@@ -161,7 +167,7 @@ class LibraryIndex:
     def _dims(self) -> dict[str, int]:
         dims = {"descriptor": self.descriptor.dim}
         if self.text is not None:
-            dims["meta"] = self.text.dim
+            dims["meta"] = dims["neighbours"] = self.text.dim
         if self.encoder is not None:
             dims["weights"] = self.encoder.config.out_dim
             if self.encoder.config.meta_dim and self.text is not None:
@@ -273,6 +279,7 @@ class LibraryIndex:
             self._add_entries(new, report)
         if report.changed:
             self._build_lexical()
+            self._build_neighbours()
             self._calibrate()
             self.save()
         report.seconds = time.monotonic() - started
@@ -309,6 +316,7 @@ class LibraryIndex:
                 self._add_features(r, report)
         report.texts_from_catalog = featurizer.texts_from_catalog
         self._build_lexical()
+        self._build_neighbours()
         self._calibrate()
         self.save()
         report.seconds = time.monotonic() - started
@@ -324,18 +332,19 @@ class LibraryIndex:
     def _top_k(self) -> int:
         return max(self.descriptor.config.top_k, self.encoder.config.top_k if self.encoder is not None else 1)
 
-    def _featurizer(self, entries: Sequence):
+    def _featurizer(self, entries: Sequence, encode: bool = True):
         """Context manager giving ``run(entries) -> [(Features, None)]`` for (a subset of) `entries`: blocks stored
         by the catalog where they fit, files read (in worker processes when it pays) for the others; metadata-text
-        vectors likewise from the catalog where they fit, embedded here for the others."""
-        return _FeaturizerPool(self, entries)
+        vectors likewise from the catalog where they fit, embedded here for the others. `encode=False`: blocks and
+        init prints only (no encoder, no text)."""
+        return _FeaturizerPool(self, entries, encode=encode)
 
-    def _stored(self, entries: Sequence) -> dict[int, str]:
+    def _stored(self, entries: Sequence, encode: bool = True) -> dict[int, str]:
         """{id: tensor hash} of the entries whose descriptor blocks can come from the catalog."""
         if not self.stored_features or not hasattr(self.catalog, "feature_ids"):
             return {}
         found = self.catalog.feature_ids(blocks_fingerprint(self.descriptor.config))
-        fam = self.encoder.config.family if self.encoder is not None else None
+        fam = self.encoder.config.family if self.encoder is not None and encode else None
         return {e.id: e.tensor_hash for e in entries if found.get(e.id) == e.tensor_hash and e.tensor_hash
                 and (fam is None or fam not in ("unknown", e.family))}   # the encoder needs the factors
 
@@ -358,10 +367,47 @@ class LibraryIndex:
             if ch in self.vectors and getattr(r, ch) is not None and len(r.encoded):
                 sel = np.array(r.encoded)
                 self._add(ch, ids[sel], getattr(r, ch), [fams[j] for j in r.encoded])
-        for e, m in zip(r.entries, metas):
+        for j, (e, m) in enumerate(zip(r.entries, metas)):
             self.entries[e.id] = IndexedEntry(e.id, e.name, e.family, _stamp(e), m, str(e.path))
             report.added.append(e.name)
+            self._content[e.id] = (*attention_grams(r.names[j], r.blocks[j], self.descriptor.config),
+                                   r.init_prints[j])
         self._forget_derived()
+
+    def build_neighbours(self, sources: set[int] | None = None) -> None:
+        """(Re)build the ``neighbours`` channel: every LoRA's weights-only vector from the metadata texts of the
+        LoRAs nearest in weights (`retrieval.neighbours`), per family. `sources`: the ids whose metadata may be
+        transferred (default: every LoRA with metadata; a benchmark passes its training split)."""
+        self._build_neighbours(sources)
+        self._calibrate()
+
+    def _build_neighbours(self, sources: set[int] | None = None) -> None:
+        if "neighbours" not in self.vectors:
+            self._content = {}
+            return
+        self.vectors["neighbours"].clear()
+        self.members["neighbours"] = set()
+        missing = [i for i in self.entries if i not in self._content]
+        if missing:   # after an incremental refresh: the unchanged LoRAs' features again (catalog, else files)
+            current = self._catalog_entries()
+            with self._featurizer([current[i] for i in missing if i in current], encode=False) as run:
+                for r, _ in run([current[i] for i in missing if i in current]):
+                    for j, e in enumerate(r.entries):
+                        self._content[e.id] = (*attention_grams(r.names[j], r.blocks[j], self.descriptor.config),
+                                               r.init_prints[j])
+        meta = self.members.get("meta", set())
+        for fam in sorted({e.family for e in self.entries.values()}):
+            ids = np.array(sorted(i for i, e in self.entries.items() if e.family == fam and i in self._content))
+            src = np.array([i in meta and (sources is None or i in sources) for i in ids], dtype=bool)
+            if not src.any():
+                continue
+            X = content_space(content_rows([self._content[i][:2] for i in ids]),
+                              np.stack([self._content[i][2] for i in ids]).astype(np.float32))
+            texts = np.stack([self.vectors["meta"].reconstruct(int(i)) for i in ids[src]])
+            V, has = neighbour_vectors(X, src, texts)
+            if has.any():
+                self._add("neighbours", ids[has], V[has], [fam] * int(has.sum()))
+        self._content = {}
 
     def _forget_derived(self) -> None:
         """Drop what is derived from the indexed set (categories, trigger map, score baselines) after a change."""
@@ -387,7 +433,7 @@ class LibraryIndex:
             return
         q_ids = list(rng.choice(q_ids, min(n_queries, len(q_ids)), replace=False))
         Q = np.stack([self.vectors["meta"].reconstruct(i) for i in q_ids])
-        for ch in ("meta", "weights", "joint"):
+        for ch in ("meta", "neighbours", "weights", "joint"):
             if ch not in self.vectors or len(self.members[ch]) < 2:
                 continue
             t_ids = sorted(self.members[ch])
@@ -437,15 +483,18 @@ class LibraryIndex:
                 if ch == "lexical" or ch in self.vectors:
                     out.append(ch)
                     break
-        if mode in ("weights", "joint") and mode not in self.vectors:
+        if mode in ("encoder", "joint") and not out:
             raise ValueError(f"mode {mode!r} needs a trained encoder (and a text embedder)")
+        if mode == "weights" and not out:
+            raise ValueError("mode 'weights' needs a text embedder")
         if mode in ("meta",) and "meta" not in self.vectors:
             raise ValueError("mode 'meta' needs a text embedder")
         return out
 
     def search(self, prompt: str, k: int = 10, family: str | Sequence[str] | None = None, mode: str = "fused",
                depth: int | None = None) -> list[Hit]:
-        """LoRAs for a prompt, best first. `mode`: fused, metadata, weights, meta, lexical or joint."""
+        """LoRAs for a prompt, best first. `mode`: fused, metadata, weights (neighbour transfer, else the encoder),
+        encoder, meta, lexical or joint."""
         return self.search_many([prompt], k, family, mode, depth)[0]
 
     def search_many(self, prompts: Sequence[str], k: int = 10, family: str | Sequence[str] | None = None,
@@ -539,6 +588,7 @@ class Features:
     entries: list
     names: list[list[str]] = field(default_factory=list)
     blocks: list[np.ndarray] = field(default_factory=list)
+    init_prints: list[np.ndarray] = field(default_factory=list)   # `retrieval.shared_init` fingerprints, float16
     meta_vecs: np.ndarray | None = None
     weights: np.ndarray | None = None
     joint: np.ndarray | None = None
@@ -587,6 +637,7 @@ class _Worker:
             names, stacked = stored_blocks(blocks, self.cfg)   # float16, as the catalog stores them
             out.names.append(names)
             out.blocks.append(stacked)
+        out.init_prints = list(init_fingerprints(loaded, packed.per_lora()).astype(np.float16))
         if self.encoder is not None:
             fam = self.encoder.config.family
             out.encoded = [j for j, e in enumerate(out.entries) if fam in ("unknown", e.family)]
@@ -639,14 +690,15 @@ class _FeaturizerPool:
     CHUNK = 128
     MIN_FILES_FOR_POOL = 384
 
-    def __init__(self, lib: LibraryIndex, entries: Sequence, workers: int | None = None):
+    def __init__(self, lib: LibraryIndex, entries: Sequence, workers: int | None = None, encode: bool = True):
         self.lib = lib
-        enc = lib.encoder
+        self.encode = encode
+        enc = lib.encoder if encode else None
         blob = None
         if enc is not None:
             blob = (asdict(enc.config), {k: v.detach().clone() for k, v in enc.state_dict().items()})
         self.args = (lib._top_k(), lib.descriptor.config, blob)
-        self.stored = lib._stored(entries)
+        self.stored = lib._stored(entries, encode)
         self.fingerprint = blocks_fingerprint(lib.descriptor.config)
         n_read = sum(e.id not in self.stored for e in entries)
         self.workers = workers if workers is not None else getattr(lib, "workers", None) or default_workers()
@@ -675,7 +727,7 @@ class _FeaturizerPool:
         """Metadata text vectors of a chunk: stored by the catalog scan for this embedder and text, or embedded here;
         a text already embedded in this run (a shared description) is reused."""
         text = self.lib.text
-        if text is None:
+        if text is None or not self.encode:
             return None
         texts = [Metadata.of(e).text() for e in chunk]
         if self.text_fingerprint is not None:
@@ -701,7 +753,7 @@ class _FeaturizerPool:
         """(stored blocks {id: StoredFeatures}, indices of the chunk's entries whose files must be read)."""
         ids = [e.id for e in chunk if e.id in self.stored]
         found = self.lib.catalog.stored_features(ids, self.fingerprint) if ids else {}
-        found = {i: f for i, f in found.items() if f.tensor_hash == self.stored[i]}
+        found = {i: f for i, f in found.items() if f.tensor_hash == self.stored[i] and f.init_print is not None}
         return found, [j for j, e in enumerate(chunk) if e.id not in found]
 
     def run(self, entries: Sequence):
@@ -736,10 +788,10 @@ def _merge(chunk, meta, found, read) -> Features:
     keep = []
     for j, e in enumerate(chunk):
         if e.id in found:
-            names, blocks = found[e.id].names, found[e.id].blocks
+            names, blocks, init = found[e.id].names, found[e.id].blocks, found[e.id].init_print
         elif e.id in from_file:
             k = from_file[e.id]
-            names, blocks = read.names[k], read.blocks[k]
+            names, blocks, init = read.names[k], read.blocks[k], read.init_prints[k]
             if k in was_encoded:   # rows of read.weights / read.joint, in the same order
                 out.encoded.append(len(out.entries))
         else:
@@ -747,6 +799,7 @@ def _merge(chunk, meta, found, read) -> Features:
         out.entries.append(e)
         out.names.append(names)
         out.blocks.append(blocks)
+        out.init_prints.append(init)
         keep.append(j)
     if meta is not None:
         out.meta_vecs = meta[keep] if keep else meta[:0]

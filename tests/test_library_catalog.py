@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from library_fixtures import small_kohya_file, write_diffusers, write_kohya
-from studio.library.catalog import DEFAULT_FEATURES, Catalog, file_hashes
+from studio.library.catalog import DEFAULT_FEATURES, SCHEMA_VERSION, Catalog, file_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def check_consistent(db_path: Path) -> sqlite3.Connection:
     """Integrity check plus the catalog's own invariants; returns an open connection."""
     db = sqlite3.connect(db_path)
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert db.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+    assert db.execute("SELECT version FROM schema_version").fetchall() == [(SCHEMA_VERSION,)]
     # stored features belong to a readable row with the same tensors, and their layout exists
     assert db.execute("SELECT COUNT(*) FROM features f LEFT JOIN loras l ON l.id = f.lora_id LEFT JOIN feature_layouts"
                       " fl ON fl.id = f.layout WHERE l.id IS NULL OR l.status = 'quarantined' OR"
@@ -275,6 +275,7 @@ def test_scan_stores_descriptor_features_with_each_row(tmp_path, library, monkey
     import numpy as np
 
     from retrieval.descriptor import DescriptorConfig, blocks_fingerprint, lora_svds, raw_blocks
+    from retrieval.shared_init import INIT_DIM, init_fingerprints
 
     cfg = DescriptorConfig()
     fp = blocks_fingerprint(cfg)
@@ -289,6 +290,8 @@ def test_scan_stores_descriptor_features_with_each_row(tmp_path, library, monkey
         assert stored.names == list(ref) and stored.blocks.dtype == np.float16
         assert stored.blocks.shape == (zqx.n_modules, cfg.block)
         assert np.allclose(stored.blocks, np.stack(list(ref.values())), atol=2e-3)
+        assert stored.init_print.dtype == np.float16 and stored.init_print.shape == (INIT_DIM,)
+        assert np.allclose(stored.init_print, init_fingerprints([catalog.load(zqx.id)])[0], atol=1e-3)
         # features computed one file at a time (a batch is cut at SCAN_BATCH_BYTES) are the batch's
         import studio.library.catalog as catalog_module
 
@@ -298,6 +301,7 @@ def test_scan_stores_descriptor_features_with_each_row(tmp_path, library, monkey
         for one, many in zip(catalog_module.analyse_files(paths), batched):
             assert one[6][:4] == many[6][:4]
             assert np.allclose(np.frombuffer(one[6][4], np.float16), np.frombuffer(many[6][4], np.float16), atol=2e-3)
+            assert np.allclose(np.frombuffer(one[6][5], np.float16), np.frombuffer(many[6][5], np.float16), atol=1e-3)
 
         xl = catalog.get("xl")
         small_kohya_file(library / "xl.safetensors", seed=9)   # new content: new features in the same row
@@ -319,11 +323,11 @@ def test_scan_stores_descriptor_features_with_each_row(tmp_path, library, monkey
         assert catalog.all() and catalog.feature_ids(fp) == {}
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_older_catalog_opens_and_is_migrated(tmp_path, library, version):
-    """A catalog written before features existed (schema 1: no features tables) or before text vectors (schema 2)
-    opens as it is: the tables are added, its rows have no features until their files change or are read again;
-    a newer schema is refused."""
+    """A catalog written before features existed (schema 1: no features tables), before text vectors (schema 2) or
+    before init prints (schema 3) opens as it is: the tables and column are added, its rows have no features (no
+    init prints) until their files change or are read again; a newer schema is refused."""
     from retrieval.descriptor import DescriptorConfig, blocks_fingerprint
 
     fp = blocks_fingerprint(DescriptorConfig())
@@ -332,7 +336,9 @@ def test_an_older_catalog_opens_and_is_migrated(tmp_path, library, version):
         catalog.scan(library)
         before = {e.id: (e.path, e.status, e.tensor_hash) for e in catalog.all() + catalog.quarantined()}
     with sqlite3.connect(db_path) as db:   # what that schema's code wrote: the same loras table
-        db.execute("DROP TABLE text_vectors")
+        db.execute("ALTER TABLE features DROP COLUMN init_print")
+        if version < 3:
+            db.execute("DROP TABLE text_vectors")
         if version == 1:
             db.execute("DROP TABLE features")
             db.execute("DROP TABLE feature_layouts")
@@ -342,6 +348,8 @@ def test_an_older_catalog_opens_and_is_migrated(tmp_path, library, version):
         assert catalog.text_vectors(list(before), "any") == {}
         if version == 1:
             assert catalog.feature_ids(fp) == {}
+        else:
+            assert all(f.init_print is None for f in catalog.stored_features(list(before), fp).values())
         assert catalog.scan(library).unchanged == 7   # nothing re-read
         zqx = library / "styles" / "zqx.safetensors"
         os.utime(zqx, ns=(time.time_ns(), time.time_ns() + 10**9))   # touched: read again, same content
@@ -350,6 +358,6 @@ def test_an_older_catalog_opens_and_is_migrated(tmp_path, library, version):
             e.id for e in catalog.quarantined()})
     check_consistent(db_path)
     with sqlite3.connect(db_path) as db:
-        db.execute("UPDATE schema_version SET version = 4")
-    with pytest.raises(RuntimeError, match="schema version 4"):
+        db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(RuntimeError, match=f"schema version {SCHEMA_VERSION + 1}"):
         Catalog(db_path)

@@ -67,7 +67,7 @@ def test_every_pick_is_explained(lib):
     for p in picks:
         assert p.score >= 0.3 and p.matched_words and p.trigger and p.phrase
         assert p.category in p.reason and all(w in p.reason for w in p.matched_words)
-        assert set(p.channels) <= {"meta", "lexical", "weights", "joint", "trigger"}
+        assert set(p.channels) <= {"meta", "lexical", "neighbours", "weights", "joint", "trigger"}
     text = explain(picks)
     assert all(p.name in text for p in picks)
     assert picks[0].to_dict()["name"] == picks[0].name

@@ -151,14 +151,15 @@ def test_batched_equals_single_and_zero_modules_are_harmless():
 def test_raw_blocks_do_not_depend_on_the_sign_fix():
     """The catalog's features skip the sign fix (`pack_svds(signs=False)`): the blocks are the same to the bit, at
     ranks below, at and above top_k, for zero modules too."""
-    from retrieval.descriptor import catalog_features, pack_svds, raw_blocks_many, stored_blocks
+    from retrieval.catalog_features import catalog_features
+    from retrieval.descriptor import pack_svds, raw_blocks_many, stored_blocks
 
     cfg = DescriptorConfig()
     loras = [_lora(r, s) for r in (2, 4, 8, 16) for s in range(2)]
     loras.append(LoRA({n: ModuleLoRA("lora", {"down": torch.randn(4, i), "up": torch.zeros(o, 4)})
                        for n, (o, i) in SMALL_TARGETS.items()}, family="tinyworld"))
     fixed = raw_blocks_many(pack_svds(loras, cfg.top_k), cfg)
-    for blocks, (_, names, stored) in zip(fixed, catalog_features(loras, cfg)):
+    for blocks, (_, names, stored, _) in zip(fixed, catalog_features(loras, cfg)):
         ref_names, ref = stored_blocks(blocks, cfg)
         assert names == ref_names and np.array_equal(stored, ref)
     unfixed = raw_blocks_many(pack_svds(loras, cfg.top_k, signs=False), cfg)

@@ -134,8 +134,8 @@ def test_family_is_a_hard_filter(library, tmp_path):
 def test_modes_channels_and_similar(library, tmp_path):
     cat, lib = _catalog(library[0], tmp_path)
     emb = HashingEmbedder(64)
-    with pytest.raises(ValueError):
-        LibraryIndex.open(cat, text_embedder=emb).search("a ghost", mode="weights")
+    with pytest.raises(ValueError, match="trained encoder"):
+        LibraryIndex.open(cat, text_embedder=emb).search("a ghost", mode="encoder")
     records = {r["name"]: r for r in library[1]}
     pairs = []
     for e in cat.all():
@@ -145,10 +145,12 @@ def test_modes_channels_and_similar(library, tmp_path):
                                       m.text(), e.family))
     enc, _ = train_encoder(pairs, emb, steps=40, batch_size=10, hidden=32, layers=1, heads=2)
     index = LibraryIndex.open(cat, text_embedder=emb, encoder=enc)
-    assert set(index.vectors) == {"descriptor", "meta", "weights", "joint"}
+    assert set(index.vectors) == {"descriptor", "meta", "neighbours", "weights", "joint"}
     assert sd15_not_encoded(index, cat)
-    hits = index.search("wearing dark round sunglasses", k=3, mode="weights", family="tinyworld")
+    hits = index.search("wearing dark round sunglasses", k=3, mode="encoder", family="tinyworld")
     assert hits and set(hits[0].channels) == {"weights"}
+    hits = index.search("wearing dark round sunglasses", k=3, mode="weights", family="tinyworld")
+    assert hits and set(hits[0].channels) == {"neighbours"}
     fused = index.search("wearing dark round sunglasses", k=3, family="tinyworld")
     assert set(fused[0].channels) == {"joint", "meta", "lexical"} and fused[0].matched
     assert records[fused[0].name]["concept"] == "glasses"
@@ -256,7 +258,7 @@ def test_blocks_stored_by_the_scan_give_the_same_index_as_reading_the_files(libr
     assert n_read == sum(e.family == "tinyworld" for e in cat.all()) < n
     plain, _ = vectors(encoder=enc, stored_features=False)
     same(with_enc, plain)
-    assert set(with_enc) == {"descriptor", "meta", "weights", "joint"}
+    assert set(with_enc) == {"descriptor", "meta", "neighbours", "weights", "joint"}
     same({"descriptor": with_enc["descriptor"]}, {"descriptor": from_files["descriptor"]})
     # some rows without features (as after migrating a catalog from before them): their files are read
     gone = sorted(e.id for e in cat.all())[::2]

@@ -6,9 +6,10 @@ files are recorded as quarantined with the reason and fix; files with the same t
 of the first one indexed.
 
 A scan also stores, per readable file, what a features hook computes from the LoRA it has just loaded (by
-default the retrieval weight descriptor's raw blocks, `retrieval.descriptor.catalog_features`), in the
-``features`` table, written and deleted in the file's own transaction; `LibraryIndex` then needs no second read
-of the file. Schema 2 added that table; a schema-1 catalog gains it when opened (its rows have no features).
+default the retrieval weight descriptor's raw blocks and the LoRA's initialisation fingerprint,
+`retrieval.catalog_features`), in the ``features`` table, written and deleted in the file's own transaction;
+`LibraryIndex` then needs no second read of the file. Schema 2 added that table; a schema-1 catalog gains it when
+opened (its rows have no features). Schema 4 added its ``init_print`` column (older rows have none).
 
 Big scans, whose files are read in worker processes, also store each readable file's metadata-text vector from the
 packaged sentence model (`retrieval.text.catalog_text_vectors`, in the ``text_vectors`` table, written and deleted
@@ -53,7 +54,8 @@ def cache_dir(library: str | Path) -> Path:
     return library / ".studio"
 
 
-SCHEMA_VERSION = 3   # 2: the features and feature_layouts tables; 3: text_vectors (older catalogs: migrated on open)
+SCHEMA_VERSION = 4   # 2: the features and feature_layouts tables; 3: text_vectors; 4: features.init_print
+# (older catalogs: migrated on open)
 LORA_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
 _SCHEMA = """
@@ -105,7 +107,8 @@ CREATE TABLE IF NOT EXISTS features (
     fingerprint TEXT NOT NULL,
     layout INTEGER NOT NULL,
     dtype TEXT NOT NULL,
-    blocks BLOB NOT NULL
+    blocks BLOB NOT NULL,
+    init_print BLOB
 );
 CREATE INDEX IF NOT EXISTS features_fingerprint ON features (fingerprint, tensor_hash);
 CREATE TABLE IF NOT EXISTS text_vectors (
@@ -257,9 +260,10 @@ SCAN_BATCH = 16       # files a scan worker reads before it computes their featu
 SCAN_BATCH_BYTES = 64 << 20   # ... or fewer, once they hold this many bytes (each LoRA holds its file's bytes)
 
 # What a scan stores per readable file besides its columns: "module:function", called in the process that read
-# the file with a list of LoRAs, returning per LoRA (fingerprint, names, blocks (len(names), n) float array) or
-# None. A string, so the catalog does not import retrieval (it is imported where the hook first runs).
-DEFAULT_FEATURES = "retrieval.descriptor:catalog_features"
+# the file with a list of LoRAs, returning per LoRA (fingerprint, names, blocks (len(names), n) float array[,
+# init fingerprint float16 vector]) or None. A string, so the catalog does not import retrieval (it is imported
+# where the hook first runs).
+DEFAULT_FEATURES = "retrieval.catalog_features:catalog_features"
 # What a scan's worker processes store per readable file besides: "module:function", called with a list of
 # {name, alias, trigger_words, description, tags} dicts, returning per item (embedder fingerprint, text key,
 # float32 vector) or None.
@@ -279,16 +283,19 @@ def _features_hook(spec: str) -> Callable | None:
 
 @dataclass
 class StoredFeatures:
-    """One LoRA's features as a scan stored them: names (one per row of `blocks`) and the blocks."""
+    """One LoRA's features as a scan stored them: names (one per row of `blocks`), the blocks and the LoRA's
+    initialisation fingerprint (None when the hook gave none)."""
 
     tensor_hash: str
     fingerprint: str
     names: list[str]
     blocks: np.ndarray
+    init_print: np.ndarray | None = None
 
 
 def _features_of(loras: list[LoRA], spec: str | None) -> list[tuple | None]:
-    """Features of each LoRA as rows for the catalog: (fingerprint, names JSON, its digest, dtype, blob) or None."""
+    """Features of each LoRA as rows for the catalog: (fingerprint, names JSON, its digest, dtype, blob, init print
+    float16 blob or None) or None."""
     hook = _features_hook(spec) if spec else None
     if hook is None or not loras:
         return [None] * len(loras)
@@ -308,11 +315,12 @@ def _features_of(loras: list[LoRA], spec: str | None) -> list[tuple | None]:
         if item is None:
             out.append(None)
             continue
-        fingerprint, names, blocks = item
+        fingerprint, names, blocks, *rest = item
         blocks = np.ascontiguousarray(blocks)
         names_json = json.dumps(list(names))
         digest = hashlib.sha256(names_json.encode()).hexdigest()[:32]
-        out.append((fingerprint, names_json, digest, blocks.dtype.str, blocks.tobytes()))
+        init = np.asarray(rest[0], dtype=np.float16).tobytes() if rest and rest[0] is not None else None
+        out.append((fingerprint, names_json, digest, blocks.dtype.str, blocks.tobytes(), init))
     return out
 
 
@@ -454,7 +462,10 @@ class Catalog:
             row = self._db.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 self._db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] in (1, 2):   # migrated in place: rows without features or text vectors (the index makes them)
+            elif row[0] in (1, 2, 3):   # migrated in place: rows without features, text vectors or init prints
+                columns = {r[1] for r in self._db.execute("PRAGMA table_info(features)")}
+                if "init_print" not in columns:
+                    self._db.execute("ALTER TABLE features ADD COLUMN init_print BLOB")
                 self._db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise RuntimeError(
@@ -575,12 +586,13 @@ class Catalog:
         self._db.execute("DELETE FROM features WHERE lora_id = ?", (lora_id,))
         if features is None or tensor_hash is None:
             return
-        fingerprint, names_json, digest, dtype, blob = features
+        fingerprint, names_json, digest, dtype, blob, init = features
         self._db.execute("INSERT OR IGNORE INTO feature_layouts (digest, names) VALUES (?, ?)", (digest, names_json))
         layout = self._db.execute("SELECT id FROM feature_layouts WHERE digest = ?", (digest,)).fetchone()[0]
         self._db.execute(
-            "INSERT INTO features (lora_id, tensor_hash, fingerprint, layout, dtype, blocks) VALUES (?, ?, ?, ?, ?, ?)",
-            (lora_id, tensor_hash, fingerprint, layout, dtype, blob),
+            "INSERT INTO features (lora_id, tensor_hash, fingerprint, layout, dtype, blocks, init_print) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (lora_id, tensor_hash, fingerprint, layout, dtype, blob, init),
         )
 
     def _store_text_vector(self, lora_id: int, text_vector: tuple | None) -> None:
@@ -657,10 +669,10 @@ class Catalog:
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             rows = self._db.execute(
-                f"SELECT lora_id, tensor_hash, layout, dtype, blocks FROM features "
+                f"SELECT lora_id, tensor_hash, layout, dtype, blocks, init_print FROM features "
                 f"WHERE fingerprint = ? AND lora_id IN ({', '.join('?' * len(chunk))})", (fingerprint, *chunk),
             ).fetchall()
-            for lora_id, tensor_hash, layout, dtype, blob in rows:
+            for lora_id, tensor_hash, layout, dtype, blob, init in rows:
                 names = layouts.get(layout)
                 if names is None:
                     found = self._db.execute("SELECT names FROM feature_layouts WHERE id = ?", (layout,)).fetchone()
@@ -670,7 +682,8 @@ class Catalog:
                 blocks = np.frombuffer(blob, dtype=np.dtype(dtype))
                 if not names or blocks.size % len(names):
                     continue
-                out[lora_id] = StoredFeatures(tensor_hash, fingerprint, names, blocks.reshape(len(names), -1))
+                init = np.frombuffer(init, dtype=np.float16) if init is not None else None
+                out[lora_id] = StoredFeatures(tensor_hash, fingerprint, names, blocks.reshape(len(names), -1), init)
         return out
 
 

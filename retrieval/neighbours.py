@@ -1,0 +1,104 @@
+"""Weights-only text vectors by neighbour transfer: a LoRA's weights place it among the library's LoRAs, and the
+metadata texts of its nearest neighbours (those that have metadata), weighted by similarity, give its vector in
+the text embedder's space. It needs no training and no metadata of the LoRA itself, so it finds LoRAs that have
+none (a bare file off a hard disk) from a prompt, and it is the studio's weights-only channel (``neighbours`` in
+`retrieval.library`).
+
+Where LoRAs are near each other: per attention module, the output-side Gram sketch of ΔW from the weight
+descriptor's blocks (what training pushed, blind to the random down matrix; `retrieval.descriptor`), each module's
+sketch normalised, laid out over the family's attention modules. Within the library, what LoRAs trained from one
+initialisation share is taken out (`retrieval.shared_init`: on TinyWorld it outweighs the concept), then PCA to
+`CONTENT_PCA` and cosine kNN. The layout is exact on purpose: feature-hashing it into a few hundred values (so it
+could be stored per file) drowned the concept in collision noise (R@3 below 0.45 at 256 values, as against 0.79).
+
+Measured on TinyWorld (`bench/retrieval.py`): LoRAs of a concept the metadata of other LoRAs describes, ranked
+weights-only against prompts in other words, R@3 0.25 with the learned encoder (`retrieval.encoder`), and far
+higher by neighbour transfer (the figure is in ``bench/results/retrieval.json``, "weights_only_unseen").
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .descriptor import DescriptorConfig, attention_part
+from .shared_init import centre_groups, shared_init_groups
+
+CONTENT_PCA = 32     # PCA size of the library's centred content rows, where neighbours are found
+NEIGHBOURS = 5       # neighbours with metadata that give a LoRA its vector ...
+TEMPERATURE = 0.05   # ... weighted by softmax(cosine / TEMPERATURE)
+PCA_FIT_ROWS = 2048  # PCA is fitted on at most this many LoRAs (a fixed random sample)
+
+
+def _gram_slice(cfg: DescriptorConfig) -> slice:
+    d = cfg.sketch
+    return slice(d * d, d * d + d * (d + 1) // 2)
+
+
+def attention_grams(names: Sequence[str], blocks: np.ndarray, cfg: DescriptorConfig
+                    ) -> tuple[list[str], np.ndarray]:
+    """(attention module names, their output-Gram sketches (n, w) float16) from one LoRA's raw descriptor blocks."""
+    rows = [k for k, n in enumerate(names) if attention_part(n) is not None]
+    grams = np.asarray(blocks)[rows][:, _gram_slice(cfg)] if rows else np.zeros((0, 0))
+    return [names[k] for k in rows], grams.astype(np.float16)
+
+
+def content_rows(items: Sequence[tuple[Sequence[str], np.ndarray]]) -> np.ndarray:
+    """(n, modules·w) float32 unit rows: each LoRA's `attention_grams` (each module's normalised) laid out over the
+    union of their module names (a missing module is zeros)."""
+    names = sorted({n for ns, _ in items for n in ns})
+    pos = {n: i for i, n in enumerate(names)}
+    w = next((g.shape[1] for _, g in items if g.size), 1)
+    X = np.zeros((len(items), len(names) * w), dtype=np.float32)
+    for r, (ns, grams) in enumerate(items):
+        if not len(ns):
+            continue
+        g = grams.astype(np.float32)
+        g /= np.linalg.norm(g, axis=1, keepdims=True).clip(1e-12)
+        cols = (np.array([pos[n] for n in ns])[:, None] * w + np.arange(w)).ravel()
+        X[r, cols] = g.ravel()
+    return X / np.linalg.norm(X, axis=1, keepdims=True).clip(1e-12)
+
+
+def content_space(rows: np.ndarray, init_prints: np.ndarray, dim: int = CONTENT_PCA,
+                  fit_rows: int = PCA_FIT_ROWS) -> np.ndarray:
+    """(n, ≤dim) unit rows: a library's `content_rows`, centred within shared-initialisation groups (in place:
+    `rows` is overwritten when it is float32), PCA'd (fitted on at most `fit_rows` of them)."""
+    X = centre_groups(np.asarray(rows, dtype=np.float32), shared_init_groups(init_prints), copy=False)
+    X -= X.mean(axis=0)
+    k = min(dim, max(1, len(X) - 1), X.shape[1])
+    if len(X) > 2:
+        fit = X if len(X) <= fit_rows else X[np.sort(np.random.default_rng(0).choice(len(X), fit_rows, False))]
+        _, _, vt = np.linalg.svd(fit, full_matrices=False)
+        X = X @ vt[:k].T
+    return (X / np.linalg.norm(X, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def neighbour_vectors(X: np.ndarray, sources: np.ndarray, texts: np.ndarray, k: int = NEIGHBOURS,
+                      temperature: float = TEMPERATURE) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors (n, d) unit rows, has (n,) bool): per LoRA (rows of `X`, from `content_space`), the softmax-weighted
+    mean of the text vectors (`texts`, one row per True of the `sources` mask) of its `k` nearest sources,
+    itself excluded. LoRAs with no other source get no vector."""
+    import faiss
+
+    sources = np.asarray(sources, dtype=bool)
+    src_rows = np.flatnonzero(sources)
+    n, d = len(X), texts.shape[1]
+    out, has = np.zeros((n, d), dtype=np.float32), np.zeros(n, dtype=bool)
+    if len(src_rows) == 0 or n == 0:
+        return out, has
+    index = faiss.IndexFlatIP(X.shape[1])
+    index.add(np.ascontiguousarray(X[src_rows], dtype=np.float32))
+    kk = min(k + 1, len(src_rows))
+    D, I = index.search(np.ascontiguousarray(X, dtype=np.float32), kk)
+    for row in range(n):
+        keep = (I[row] >= 0) & (src_rows[I[row].clip(0)] != row)
+        sims, picks = D[row][keep][:k], I[row][keep][:k]
+        if len(picks) == 0:
+            continue
+        w = np.exp((sims - sims.max()) / temperature)
+        v = (w / w.sum()) @ texts[picks]
+        norm = np.linalg.norm(v)
+        if norm > 1e-12:
+            out[row], has[row] = v / norm, True
+    return out, has

@@ -1,0 +1,93 @@
+"""Weights-only retrieval by neighbour transfer: LoRAs without metadata get a text-space vector from the metadata
+of the LoRAs nearest in weights, with what one initialisation shares taken out."""
+import json
+import shutil
+
+import numpy as np
+import torch
+
+from retrieval.descriptor import DescriptorConfig, lora_svds_many, raw_blocks_many, stored_blocks
+from retrieval.library import LibraryIndex
+from retrieval.neighbours import attention_grams, content_rows, content_space, neighbour_vectors
+from retrieval.shared_init import INIT_DIM, init_fingerprints
+from retrieval.synthetic import SMALL_TARGETS, synthetic_lora, write_synthetic_library
+from retrieval.text import HashingEmbedder
+from studio.library.canonical import LoRA, ModuleLoRA
+from studio.library.catalog import Catalog
+from studio.library.formats import write_lora
+
+
+def batch_runs(n_runs=4, n_concepts=5, seed=0):
+    """`n_runs` trainer runs from one initialisation each (one rank-3 down matrix per module) with a strong
+    run-specific output direction, each training one LoRA of every concept (a concept: two fixed output
+    directions)."""
+    g = torch.Generator().manual_seed(seed)
+    concept_dirs = [{m: torch.randn(o, 2, generator=g) for m, (o, i) in SMALL_TARGETS.items()}
+                    for _ in range(n_concepts)]
+    loras, concept, run = [], [], []
+    for r in range(n_runs):
+        A = {m: torch.linalg.qr(torch.randn(i, 3, generator=g))[0].T for m, (o, i) in SMALL_TARGETS.items()}
+        bias = {m: 8.0 * torch.randn(o, 1, generator=g) for m, (o, i) in SMALL_TARGETS.items()}
+        for c in range(n_concepts):
+            mods = {m: ModuleLoRA("lora", {"down": A[m], "up": torch.cat([concept_dirs[c][m], bias[m]], 1)
+                                  + 0.1 * torch.randn(o, 3, generator=g)}, alpha=3.0)
+                    for m, (o, i) in SMALL_TARGETS.items()}
+            loras.append(LoRA(mods, family="tinyworld"))
+            concept.append(c)
+            run.append(r)
+    return loras, np.array(concept), np.array(run)
+
+
+def test_bare_loras_get_their_concepts_text_from_other_runs():
+    loras, concept, run = batch_runs()
+    cfg = DescriptorConfig()
+    blocks = [stored_blocks(b, cfg) for b in raw_blocks_many(lora_svds_many(loras, cfg.top_k), cfg)]
+    rows = content_rows([attention_grams(names, b, cfg) for names, b in blocks])
+    prints = init_fingerprints(loras)
+    assert prints.shape == (len(loras), INIT_DIM)
+    texts = np.eye(concept.max() + 1, dtype=np.float32)           # one text vector per concept
+    sources = run < 3                                              # runs 0-2 have metadata; run 3 is bare
+    X = content_space(rows.copy(), prints)
+    V, has = neighbour_vectors(X, sources, texts[concept[sources]])
+    assert has.all()
+    assert (V.argmax(1) == concept).all()                          # bare LoRAs included
+    # without taking the shared initialisation out, the bare run's LoRAs resemble each other, not their concept
+    alone = np.eye(len(loras), INIT_DIM, dtype=np.float32)          # fingerprints that link nothing
+    V, _ = neighbour_vectors(content_space(rows.copy(), alone), sources, texts[concept[sources]])
+    assert (V.argmax(1) == concept)[~sources].mean() < 0.5
+
+
+def test_no_source_no_vector_and_never_its_own_text():
+    X = np.eye(3, dtype=np.float32)
+    V, has = neighbour_vectors(X, np.array([True, False, False]), np.array([[1.0, 0.0]], dtype=np.float32))
+    assert not has[0] and has[1:].all()                            # the only source is not its own neighbour
+    V, has = neighbour_vectors(X, np.zeros(3, dtype=bool), np.zeros((0, 2), dtype=np.float32))
+    assert not has.any() and not V.any()
+
+
+def test_the_index_finds_a_bare_file_from_a_prompt_and_keeps_it_after_a_refresh(tmp_path):
+    lib = tmp_path / "loras"
+    concepts = ["zorbo", "glimmet", "hat", "checker", "stripes", "ball"]
+    write_synthetic_library(lib, concepts, ranks=(4, 8), seeds=(0, 1), shapes=SMALL_TARGETS, name_style="concept")
+    write_synthetic_library(lib / "bare", ["glimmet"], ranks=(8,), seeds=(7,), bare=["glimmet"],
+                            shapes=SMALL_TARGETS, name_style="concept")
+    cat = Catalog(lib / ".studio" / "catalog.sqlite")
+    cat.scan(lib)
+    index = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64))
+    bare = cat.get("glimmet_r8_s7")
+    assert not bare.description and bare.id in index.members["neighbours"]
+    prompt = json.loads((lib / "glimmet_r4_s0.civitai.info").read_text())["description"]
+    hits = index.search(prompt, k=len(index), mode="weights", family="tinyworld")
+    ranked = [h.name for h in hits]
+    assert ranked.index("glimmet_r8_s7") < 4                        # among the ghosts, from its weights alone
+    assert set(hits[0].channels) == {"neighbours"}
+    # a new bare file: an incremental refresh gives it (and keeps everyone's) vector, reading no other file
+    shutil.copy(write_lora(synthetic_lora("hat", 4, 9, SMALL_TARGETS), tmp_path / "x.safetensors"),
+                lib / "bare" / "hat_r4_s9.safetensors")
+    cat.scan(lib)
+    report = index.refresh()
+    assert report.files_read == 0 and len(report.added) == 1
+    assert index.members["neighbours"] == set(index.entries)
+    hat = index.vector("neighbours", cat.get("hat_r4_s9").id)
+    near = max((i for i in index.members["meta"]), key=lambda i: float(index.vector("meta", i) @ hat))
+    assert index.entries[near].name.startswith("hat_")
