@@ -43,21 +43,29 @@ def attention_grams(names: Sequence[str], blocks: np.ndarray, cfg: DescriptorCon
     return [names[k] for k in rows], grams.astype(np.float16)
 
 
-def content_rows(items: Sequence[tuple[Sequence[str], np.ndarray]]) -> np.ndarray:
+def content_rows(items: Sequence[tuple[Sequence[str], np.ndarray]], chunk: int = 1024) -> np.ndarray:
     """(n, modules·w) float32 unit rows: each LoRA's `attention_grams` (each module's normalised) laid out over the
-    union of their module names (a missing module is zeros)."""
+    union of their module names (a missing module is zeros). LoRAs with the same module list go in batches of
+    `chunk` (no temporary the size of the whole matrix: on these VMs touching fresh memory is what costs)."""
     names = sorted({n for ns, _ in items for n in ns})
     pos = {n: i for i, n in enumerate(names)}
     w = next((g.shape[1] for _, g in items if g.size), 1)
     X = np.zeros((len(items), len(names) * w), dtype=np.float32)
-    for r, (ns, grams) in enumerate(items):
-        if not len(ns):
-            continue
-        g = grams.astype(np.float32)
-        g /= np.linalg.norm(g, axis=1, keepdims=True).clip(1e-12)
+    batches: dict[tuple, list[int]] = {}
+    for r, (ns, _) in enumerate(items):
+        if len(ns):
+            batches.setdefault(tuple(ns), []).append(r)
+    for ns, rows in batches.items():
         cols = (np.array([pos[n] for n in ns])[:, None] * w + np.arange(w)).ravel()
-        X[r, cols] = g.ravel()
-    return X / np.linalg.norm(X, axis=1, keepdims=True).clip(1e-12)
+        for start in range(0, len(rows), chunk):
+            part = rows[start:start + chunk]
+            g = np.stack([items[r][1] for r in part]).astype(np.float32)      # (b, m, w)
+            norms = np.sqrt(np.einsum("bmw,bmw->bm", g, g))
+            live = norms > 1e-12
+            g *= (np.where(live, 1.0 / np.where(live, norms, 1.0), 0.0)
+                  / np.sqrt(live.sum(1, keepdims=True).clip(1)))[:, :, None].astype(np.float32)
+            X[np.array(part)[:, None], cols[None, :]] = g.reshape(len(part), -1)
+    return X
 
 
 def content_space(rows: np.ndarray, init_prints: np.ndarray, dim: int = CONTENT_PCA,
@@ -69,9 +77,20 @@ def content_space(rows: np.ndarray, init_prints: np.ndarray, dim: int = CONTENT_
     k = min(dim, max(1, len(X) - 1), X.shape[1])
     if len(X) > 2:
         fit = X if len(X) <= fit_rows else X[np.sort(np.random.default_rng(0).choice(len(X), fit_rows, False))]
-        _, _, vt = np.linalg.svd(fit, full_matrices=False)
-        X = X @ vt[:k].T
+        X = X @ _top_components(fit, k).T
     return (X / np.linalg.norm(X, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def _top_components(A: np.ndarray, k: int, oversample: int = 32, power: int = 3) -> np.ndarray:
+    """(k, d) top right singular vectors of A (n, d): exact for small A, else a seeded randomised SVD (range
+    finder with `power` power iterations; Halko et al. 2011)."""
+    if min(A.shape) <= k + oversample:
+        return np.linalg.svd(A, full_matrices=False)[2][:k]
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(A @ rng.standard_normal((A.shape[1], k + oversample)).astype(A.dtype))[0]
+    for _ in range(power):
+        Q = np.linalg.qr(A @ np.linalg.qr(A.T @ Q)[0])[0]
+    return np.linalg.svd(Q.T @ A, full_matrices=False)[2][:k]
 
 
 def neighbour_vectors(X: np.ndarray, sources: np.ndarray, texts: np.ndarray, k: int = NEIGHBOURS,

@@ -34,29 +34,11 @@ INIT_OVERLAP = 0.5   # fingerprint cosine above which two LoRAs share an initial
 MIN_GROUP = 3        # shared-initialisation groups at least this large are centred
 
 
+@lru_cache(maxsize=65536)
 def init_module(name: str) -> bool:
     """Whether a module's row space enters the fingerprint: UNet attention projections and text-encoder
     self-attention (the layers every LoRA trainer adapts)."""
     return attention_part(name) is not None or (name.startswith("text_encoder") and ".self_attn." in name)
-
-
-def _row_space(module: ModuleLoRA | tuple, svd: ModuleSVD | None) -> torch.Tensor | None:
-    """Orthonormal basis (in, r) of ΔW's row space: the down matrix's rows for LoRA/LoCon (the whole space, not
-    just the top singular directions), else the kept right singular vectors. `module`: a `ModuleLoRA` or a
-    ``(B, A, scale)`` triple (`retrieval.loading.read_factors`)."""
-    down = None
-    if isinstance(module, tuple):
-        down = module[1]
-    elif module.kind in ("lora", "locon") and "mid" not in module.factors:
-        down = module.factors["down"]
-    if down is not None:
-        down = down.float().flatten(1)
-        q, r = torch.linalg.qr(down.T)
-        live = r.diagonal().abs() > r.diagonal().abs().max().clamp_min(1e-12) * 1e-3
-        return q[:, live]
-    if svd is None:
-        return None
-    return svd.V[:, svd.S > svd.S[:1].clamp_min(1e-12) * 1e-3]
 
 
 @lru_cache(maxsize=4096)
@@ -70,29 +52,69 @@ def _hashing(name: str, width: int, dim: int, seed: int) -> tuple[np.ndarray, np
 def init_fingerprint(modules: Mapping[str, ModuleLoRA | tuple], svds: Mapping[str, ModuleSVD] | None = None,
                      seed: int = 0) -> np.ndarray:
     """One LoRA's fingerprint: (`INIT_DIM`,) float32, unit norm (zeros without attention modules)."""
+    return init_fingerprints([modules], [svds], seed)[0]
+
+
+def _down(module: ModuleLoRA | tuple) -> torch.Tensor | None:
+    """The down matrix (r, in') of a plain LoRA/LoCon module (or a ``(B, A, scale)`` triple), else None."""
+    if isinstance(module, tuple):
+        return module[1].flatten(1)
+    if module.kind in ("lora", "locon") and "mid" not in module.factors:
+        return module.factors["down"].flatten(1)
+    return None
+
+
+def _sketches(V: torch.Tensor, live: torch.Tensor, seed: int) -> np.ndarray:
+    """(m, t(t-1)/2) row-space sketches R·V·Vᵀ·Rᵀ of m orthonormal bases V (m, in, r) whose `live` columns (m, r)
+    count, divided by √(live columns)."""
     t = INIT_SKETCH
-    iu = np.triu_indices(t, 1)
-    out = np.zeros(INIT_DIM, dtype=np.float64)
-    for name in sorted(modules):
-        if not init_module(name):
-            continue
-        V = _row_space(modules[name], (svds or {}).get(name))       # (in, r) orthonormal columns
-        if V is None or V.shape[1] == 0:
-            continue
-        RV = random_projection(V.shape[0], t, seed, "init") @ V    # (t, r)
-        sketch = (RV @ RV.T).numpy()[iu] / np.sqrt(V.shape[1])
-        bucket, sign = _hashing(name, len(sketch), INIT_DIM, seed)
-        out += np.bincount(bucket, weights=sketch * sign, minlength=INIT_DIM)
-    norm = np.linalg.norm(out)
-    return (out / norm if norm > 1e-12 else out).astype(np.float32)
+    iu = torch.triu_indices(t, t, 1)
+    RV = (random_projection(V.shape[1], t, seed, "init") @ V) * live[:, None, :]   # (m, t, r)
+    G = RV @ RV.transpose(1, 2)
+    return (G[:, iu[0], iu[1]] / live.sum(1, keepdim=True).clamp_min(1).sqrt()).numpy()
 
 
 def init_fingerprints(loras: Sequence[LoRA | Mapping[str, ModuleLoRA | tuple]],
-                      svds: Sequence[Mapping[str, ModuleSVD]] | None = None, seed: int = 0) -> np.ndarray:
-    """(n, `INIT_DIM`) fingerprints of `loras` (LoRAs, or {module name: module} maps as `init_fingerprint` takes)."""
+                      svds: Sequence[Mapping[str, ModuleSVD] | None] | None = None, seed: int = 0) -> np.ndarray:
+    """(n, `INIT_DIM`) fingerprints of `loras` (LoRAs, or {module name: `ModuleLoRA` or ``(B, A, scale)``} maps),
+    batched over every module of the same shape (one QR and one projection per shape)."""
     svds = svds if svds is not None else [None] * len(loras)
-    rows = [init_fingerprint(lo.modules if isinstance(lo, LoRA) else lo, s, seed) for lo, s in zip(loras, svds)]
-    return np.stack(rows) if rows else np.zeros((0, INIT_DIM), dtype=np.float32)
+    by_shape: dict[tuple, list] = {}       # (in, r) -> [(lora index, name, down)]
+    other: list = []                       # (lora index, name, V (in, r) or None)
+    for li, (lo, sv) in enumerate(zip(loras, svds)):
+        modules = lo.modules if isinstance(lo, LoRA) else lo
+        for name in sorted(modules):
+            if not init_module(name):
+                continue
+            down = _down(modules[name])
+            if down is not None and down.shape[0] > 0:
+                by_shape.setdefault(tuple(down.shape), []).append((li, name, down))
+            elif sv and name in sv:
+                svd = sv[name]
+                other.append((li, name, svd.V[:, svd.S > svd.S[:1].clamp_min(1e-12) * 1e-3]))
+    owners, rows = [], []
+    for items in by_shape.values():
+        downs = torch.stack([d for _, _, d in items]).float()            # (m, r, in)
+        q, r = torch.linalg.qr(downs.transpose(1, 2))                     # q (m, in, r): the row space
+        diag = r.diagonal(dim1=1, dim2=2).abs()
+        live = (diag > diag.max(1, keepdim=True).values.clamp_min(1e-12) * 1e-3).float()
+        rows.append(_sketches(q, live, seed))
+        owners += [(li, name) for li, name, _ in items]
+    for li, name, V in other:
+        if V.shape[1]:
+            rows.append(_sketches(V[None].float(), torch.ones(1, V.shape[1]), seed))
+            owners.append((li, name))
+    out = np.zeros((len(loras), INIT_DIM))
+    if owners:
+        sketches = np.concatenate(rows)
+        width = sketches.shape[1]
+        hashing = [_hashing(name, width, INIT_DIM, seed) for _, name in owners]
+        index = np.stack([h[0] for h in hashing]) + INIT_DIM * np.array([li for li, _ in owners])[:, None]
+        signed = sketches * np.stack([h[1] for h in hashing])
+        out = np.bincount(index.ravel(), weights=signed.ravel(), minlength=len(loras) * INIT_DIM)
+        out = out.reshape(len(loras), INIT_DIM)
+    norm = np.linalg.norm(out, axis=1, keepdims=True)
+    return (out / np.where(norm > 1e-12, norm, 1.0)).astype(np.float32)
 
 
 def shared_init_groups(fingerprints: np.ndarray, overlap: float = INIT_OVERLAP, chunk: int = 2048) -> np.ndarray:
