@@ -20,5 +20,5 @@ def catalog_features(loras: Sequence[LoRA], cfg: DescriptorConfig | None = None
     cfg = cfg or DescriptorConfig()
     fingerprint = blocks_fingerprint(cfg)
     packed = pack_svds(list(loras), max(cfg.top_k, 1), signs=False)   # neither depends on the signs
-    prints = init_fingerprints(loras, packed.per_lora()).astype(np.float16)
+    prints = init_fingerprints(packed).astype(np.float16)
     return [(fingerprint, *stored_blocks(blocks, cfg), p) for blocks, p in zip(raw_blocks_many(packed, cfg), prints)]

@@ -103,8 +103,11 @@ def _sign_fix(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return U * sign, V * sign
 
 
-def _batched_lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, k: int, signs: bool = True):
-    """Exact top-k SVD of scale·B·A for a batch: B (n, out, r), A (n, r, in), scale (n,); sign-fixed if `signs`."""
+def _batched_lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, k: int, signs: bool = True,
+                         row_basis: bool = False):
+    """Exact top-k SVD of scale·B·A for a batch: B (n, out, r), A (n, r, in), scale (n,); sign-fixed if `signs`.
+    `row_basis`: also (Q (n, in, r), live (n, r)): an orthonormal basis of A's rows from the thin QR of Aᵀ, and
+    which of its columns count (R's diagonal above 1e-3 of its largest)."""
     Qb, Rb = torch.linalg.qr(B)                       # (n, out, m1), (n, m1, r)
     Qa, Ra = torch.linalg.qr(A.transpose(1, 2))       # (n, in, m2), (n, m2, r)
     core = scale[:, None, None] * (Rb @ Ra.transpose(1, 2))  # (n, m1, m2)
@@ -114,6 +117,10 @@ def _batched_lowrank_svd(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor, 
     V = Qa @ Vch.transpose(1, 2)[..., :k]
     if signs:
         U, V = _sign_fix(U, V)
+    if row_basis:
+        diag = Ra.diagonal(dim1=1, dim2=2).abs()
+        live = (diag > diag.max(1, keepdim=True).values.clamp_min(1e-12) * 1e-3).float()
+        return U, S[..., :k], V, (Qa, live)
     return U, S[..., :k], V
 
 
@@ -149,6 +156,7 @@ class SVDGroup:
     S: torch.Tensor  # (n, k)
     V: torch.Tensor  # (n, in', k)
     owners: list[tuple[int, str]]
+    row_basis: tuple[torch.Tensor, torch.Tensor] | None = None   # plain LoRA/LoCon: (Q (n, in', r), live (n, r))
 
 
 @dataclass
@@ -209,8 +217,8 @@ def pack_svds(loras: Sequence[LoRA | Mapping], k: int = 8, signs: bool = True) -
             B = torch.stack([it[2] for it in chunk]).float()
             A = torch.stack([it[3] for it in chunk]).float()
             scale = torch.tensor([it[4] for it in chunk], dtype=torch.float32)
-            U, S, V = _batched_lowrank_svd(B, A, scale, k, signs)
-            out.append(SVDGroup(U, S, V, [(it[0], it[1]) for it in chunk]))
+            U, S, V, basis = _batched_lowrank_svd(B, A, scale, k, signs, row_basis=True)
+            out.append(SVDGroup(U, S, V, [(it[0], it[1]) for it in chunk], basis))
     out += _regroup(dense)
     return PackedSVDs(out, [list(m) for m in mods])
 

@@ -637,7 +637,7 @@ class _Worker:
             names, stacked = stored_blocks(blocks, self.cfg)   # float16, as the catalog stores them
             out.names.append(names)
             out.blocks.append(stacked)
-        out.init_prints = list(init_fingerprints(loaded, packed.per_lora()).astype(np.float16))
+        out.init_prints = list(init_fingerprints(packed).astype(np.float16))
         if self.encoder is not None:
             fam = self.encoder.config.family
             out.encoded = [j for j, e in enumerate(out.entries) if fam in ("unknown", e.family)]

@@ -81,10 +81,13 @@ def content_space(rows: np.ndarray, init_prints: np.ndarray, dim: int = CONTENT_
     return (X / np.linalg.norm(X, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
-def _top_components(A: np.ndarray, k: int, oversample: int = 32, power: int = 3) -> np.ndarray:
-    """(k, d) top right singular vectors of A (n, d): exact for small A, else a seeded randomised SVD (range
-    finder with `power` power iterations; Halko et al. 2011)."""
-    if min(A.shape) <= k + oversample:
+def _top_components(A: np.ndarray, k: int, oversample: int = 32, power: int = 3,
+                    exact_flops: float = 2e9) -> np.ndarray:
+    """(k, d) top right singular vectors of A (n, d): exact while that costs under `exact_flops` (a library of a
+    few hundred LoRAs), else a seeded randomised SVD (range finder with `power` power iterations; Halko et al.
+    2011)."""
+    n, d = A.shape
+    if min(n, d) <= k + oversample or n * d * min(n, d) <= exact_flops:
         return np.linalg.svd(A, full_matrices=False)[2][:k]
     rng = np.random.default_rng(0)
     Q = np.linalg.qr(A @ rng.standard_normal((A.shape[1], k + oversample)).astype(A.dtype))[0]

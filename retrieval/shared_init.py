@@ -26,7 +26,7 @@ import torch
 
 from studio.library.canonical import LoRA, ModuleLoRA
 
-from .descriptor import ModuleSVD, attention_part, random_projection
+from .descriptor import ModuleSVD, PackedSVDs, attention_part, random_projection
 
 INIT_SKETCH = 16     # rows of the random sketch of each module's row space (120 off-diagonal entries)
 INIT_DIM = 512       # size of a fingerprint (the modules' sketches are feature-hashed into it)
@@ -74,11 +74,29 @@ def _sketches(V: torch.Tensor, live: torch.Tensor, seed: int) -> np.ndarray:
     return (G[:, iu[0], iu[1]] / live.sum(1, keepdim=True).clamp_min(1).sqrt()).numpy()
 
 
-def init_fingerprints(loras: Sequence[LoRA | Mapping[str, ModuleLoRA | tuple]],
+def init_fingerprints(loras: Sequence[LoRA | Mapping[str, ModuleLoRA | tuple]] | PackedSVDs,
                       svds: Sequence[Mapping[str, ModuleSVD] | None] | None = None, seed: int = 0) -> np.ndarray:
     """(n, `INIT_DIM`) fingerprints of `loras` (LoRAs, or {module name: `ModuleLoRA` or ``(B, A, scale)``} maps),
-    batched over every module of the same shape (one QR and one projection per shape)."""
-    svds = svds if svds is not None else [None] * len(loras)
+    batched over every module of the same shape (one QR and one projection per shape); or of the LoRAs of a
+    `PackedSVDs` (`pack_svds`), reusing its row bases (no QR at all)."""
+    owners, rows = [], []
+    if isinstance(loras, PackedSVDs):
+        n = len(loras)
+        for g in loras.groups:
+            keep = [j for j, (_, name) in enumerate(g.owners) if init_module(name)]
+            if not keep:
+                continue
+            idx = torch.tensor(keep)
+            if g.row_basis is not None:
+                Q, live = g.row_basis
+                rows.append(_sketches(Q[idx], live[idx], seed))
+            else:   # LoHa / LoKr: the kept right singular vectors
+                S = g.S[idx]
+                rows.append(_sketches(g.V[idx], (S > S[:, :1].clamp_min(1e-12) * 1e-3).float(), seed))
+            owners += [g.owners[j] for j in keep]
+        return _hashed(owners, rows, n, seed)
+    n = len(loras)
+    svds = svds if svds is not None else [None] * n
     by_shape: dict[tuple, list] = {}       # (in, r) -> [(lora index, name, down)]
     other: list = []                       # (lora index, name, V (in, r) or None)
     for li, (lo, sv) in enumerate(zip(loras, svds)):
@@ -92,7 +110,6 @@ def init_fingerprints(loras: Sequence[LoRA | Mapping[str, ModuleLoRA | tuple]],
             elif sv and name in sv:
                 svd = sv[name]
                 other.append((li, name, svd.V[:, svd.S > svd.S[:1].clamp_min(1e-12) * 1e-3]))
-    owners, rows = [], []
     for items in by_shape.values():
         downs = torch.stack([d for _, _, d in items]).float()            # (m, r, in)
         q, r = torch.linalg.qr(downs.transpose(1, 2))                     # q (m, in, r): the row space
@@ -104,15 +121,19 @@ def init_fingerprints(loras: Sequence[LoRA | Mapping[str, ModuleLoRA | tuple]],
         if V.shape[1]:
             rows.append(_sketches(V[None].float(), torch.ones(1, V.shape[1]), seed))
             owners.append((li, name))
-    out = np.zeros((len(loras), INIT_DIM))
+    return _hashed(owners, rows, n, seed)
+
+
+def _hashed(owners: list[tuple[int, str]], rows: list[np.ndarray], n: int, seed: int) -> np.ndarray:
+    """Per LoRA, its modules' sketches feature-hashed into one unit vector (zeros for a LoRA without any)."""
+    out = np.zeros((n, INIT_DIM))
     if owners:
         sketches = np.concatenate(rows)
         width = sketches.shape[1]
         hashing = [_hashing(name, width, INIT_DIM, seed) for _, name in owners]
         index = np.stack([h[0] for h in hashing]) + INIT_DIM * np.array([li for li, _ in owners])[:, None]
         signed = sketches * np.stack([h[1] for h in hashing])
-        out = np.bincount(index.ravel(), weights=signed.ravel(), minlength=len(loras) * INIT_DIM)
-        out = out.reshape(len(loras), INIT_DIM)
+        out = np.bincount(index.ravel(), weights=signed.ravel(), minlength=n * INIT_DIM).reshape(n, INIT_DIM)
     norm = np.linalg.norm(out, axis=1, keepdims=True)
     return (out / np.where(norm > 1e-12, norm, 1.0)).astype(np.float32)
 
