@@ -143,6 +143,22 @@ def _contains_word(text: str, word: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- auto-pick
+def reason(hit, query: str, category: str, source: str, library) -> str:
+    """Why a search hit fits a query, in words: score per channel, shared words, and for a LoRA with no metadata
+    of its own the LoRAs its weights resemble (whose text the ``neighbours`` channel gave it)."""
+    chan = ", ".join(f"{c} {v:.2f}" for c, v in sorted(hit.channels.items()))
+    why = f"'{query}' matches this {category} LoRA: score {hit.score:.2f} ({chan})"
+    if hit.matched:
+        why += f"; shared words: {', '.join(hit.matched)}"
+    if "neighbours" in hit.channels and hit.id not in library.members.get("meta", ()) and hasattr(library, "resembles"):
+        like = library.resembles(hit.id)
+        if like:
+            why += f"; no metadata, its weights resemble {', '.join(like)}"
+    if source == "classifier":
+        why += "; category guessed from its weights"
+    return why
+
+
 def autopick(prompt: str, library, k: int = 3, family: str | Sequence[str] | None = None,
              threshold: float = DEFAULT_THRESHOLD, caps: Mapping[str, int] | None = None, mode: str = "fused",
              per_phrase: bool = True, depth: int = 20) -> list[Pick]:
@@ -181,13 +197,8 @@ def autopick(prompt: str, library, k: int = 3, family: str | Sequence[str] | Non
             if h.id in best and best[h.id].score >= h.score:
                 continue
             cat, source = cats.get(h.id, ("other", "none"))
-            chan = ", ".join(f"{c} {v:.2f}" for c, v in sorted(h.channels.items()))
-            why = f"'{query}' matches this {cat} LoRA: score {h.score:.2f} ({chan})"
-            if h.matched:
-                why += f"; shared words: {', '.join(h.matched)}"
-            if source == "classifier":
-                why += "; category guessed from its weights"
-            best[h.id] = Pick(h.name, cat, round(float(h.score), 4), list(h.matched), h.trigger, why, query,
+            best[h.id] = Pick(h.name, cat, round(float(h.score), 4), list(h.matched), h.trigger,
+                              reason(h, query, cat, source, library), query,
                               dict(h.channels), h.id)
 
     # 3. best first, under the threshold nothing more, per-category caps

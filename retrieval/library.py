@@ -150,6 +150,7 @@ class LibraryIndex:
         self.calibration: dict[str, float] = {}
         self.lexical = LexicalIndex()
         self._content: dict[int, tuple] = {}   # id -> (attention names, grams, init print): until neighbours are built
+        self.neighbour_sources: dict[int, list[int]] = {}   # id -> the LoRAs whose metadata its neighbours vector took
         self._forget_derived()
         self._reset_vectors()
 
@@ -199,6 +200,7 @@ class LibraryIndex:
         manifest = {
             "version": VERSION, "generation": generation, "fingerprints": self.fingerprints(),
             "descriptor": self.descriptor.fingerprint(), "calibration": self.calibration,
+            "neighbour_sources": {str(i): v for i, v in self.neighbour_sources.items()},
             "entries": {str(i): {**asdict(e), "meta": asdict(e.meta)} for i, e in self.entries.items()},
         }
         atomic_write(self.manifest_path, json.dumps(manifest).encode())
@@ -236,6 +238,7 @@ class LibraryIndex:
             vi.ivf_threshold = self.ivf_threshold
         self.members = {ch: set(int(i) for i in vi.ids()) for ch, vi in vectors.items()}
         self.calibration = manifest.get("calibration", {})
+        self.neighbour_sources = {int(i): v for i, v in manifest.get("neighbour_sources", {}).items()}
         self.entries = {}
         for key, e in manifest["entries"].items():
             e = dict(e)
@@ -387,6 +390,7 @@ class LibraryIndex:
             return
         self.vectors["neighbours"].clear()
         self.members["neighbours"] = set()
+        self.neighbour_sources = {}
         missing = [i for i in self.entries if i not in self._content]
         if missing:   # after an incremental refresh: the unchanged LoRAs' features again (catalog, else files)
             current = self._catalog_entries()
@@ -404,10 +408,17 @@ class LibraryIndex:
             X = content_space(content_rows([self._content[i][:2] for i in ids]),
                               np.stack([self._content[i][2] for i in ids]).astype(np.float32))
             texts = np.stack([self.vectors["meta"].reconstruct(int(i)) for i in ids[src]])
-            V, has = neighbour_vectors(X, src, texts)
+            V, has, used = neighbour_vectors(X, src, texts)
+            for row in np.flatnonzero(has):
+                self.neighbour_sources[int(ids[row])] = [int(ids[j]) for j in used[row]]
             if has.any():
                 self._add("neighbours", ids[has], V[has], [fam] * int(has.sum()))
         self._content = {}
+
+    def resembles(self, id_: int, n: int = 2) -> list[str]:
+        """Names of the LoRAs (with metadata) whose weights are nearest to this one's: where its ``neighbours``
+        vector came from."""
+        return [self.entries[i].name for i in self.neighbour_sources.get(id_, [])[:n] if i in self.entries]
 
     def _forget_derived(self) -> None:
         """Drop what is derived from the indexed set (categories, trigger map, score baselines) after a change."""

@@ -97,18 +97,20 @@ def _top_components(A: np.ndarray, k: int, oversample: int = 32, power: int = 3,
 
 
 def neighbour_vectors(X: np.ndarray, sources: np.ndarray, texts: np.ndarray, k: int = NEIGHBOURS,
-                      temperature: float = TEMPERATURE) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors (n, d) unit rows, has (n,) bool): per LoRA (rows of `X`, from `content_space`), the softmax-weighted
-    mean of the text vectors (`texts`, one row per True of the `sources` mask) of its `k` nearest sources,
-    itself excluded. LoRAs with no other source get no vector."""
+                      temperature: float = TEMPERATURE) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
+    """(vectors (n, d) unit rows, has (n,) bool, used): per LoRA (rows of `X`, from `content_space`), the
+    softmax-weighted mean of the text vectors (`texts`, one row per True of the `sources` mask) of its `k` nearest
+    sources, itself excluded; `used[i]`: the rows of `X` whose text it took, heaviest first. LoRAs with no other
+    source get no vector."""
     import faiss
 
     sources = np.asarray(sources, dtype=bool)
     src_rows = np.flatnonzero(sources)
     n, d = len(X), texts.shape[1]
     out, has = np.zeros((n, d), dtype=np.float32), np.zeros(n, dtype=bool)
+    used: list[list[int]] = [[] for _ in range(n)]
     if len(src_rows) == 0 or n == 0:
-        return out, has
+        return out, has, used
     index = faiss.IndexFlatIP(X.shape[1])
     index.add(np.ascontiguousarray(X[src_rows], dtype=np.float32))
     kk = min(k + 1, len(src_rows))
@@ -123,4 +125,5 @@ def neighbour_vectors(X: np.ndarray, sources: np.ndarray, texts: np.ndarray, k: 
         norm = np.linalg.norm(v)
         if norm > 1e-12:
             out[row], has[row] = v / norm, True
-    return out, has
+            used[row] = [int(src_rows[p]) for p in picks[np.argsort(-w, kind="stable")]]
+    return out, has, used

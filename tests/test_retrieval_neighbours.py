@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from retrieval.descriptor import DescriptorConfig, lora_svds_many, raw_blocks_many, stored_blocks
+from retrieval.autopick import reason
 from retrieval.library import LibraryIndex
 from retrieval.neighbours import attention_grams, content_rows, content_space, neighbour_vectors
 from retrieval.shared_init import INIT_DIM, init_fingerprints
@@ -48,20 +49,22 @@ def test_bare_loras_get_their_concepts_text_from_other_runs():
     texts = np.eye(concept.max() + 1, dtype=np.float32)           # one text vector per concept
     sources = run < 3                                              # runs 0-2 have metadata; run 3 is bare
     X = content_space(rows.copy(), prints)
-    V, has = neighbour_vectors(X, sources, texts[concept[sources]])
+    V, has, used = neighbour_vectors(X, sources, texts[concept[sources]])
     assert has.all()
     assert (V.argmax(1) == concept).all()                          # bare LoRAs included
+    assert all(sources[u].all() and concept[u[0]] == c and i not in u for i, (u, c) in enumerate(zip(used, concept)))
     # without taking the shared initialisation out, the bare run's LoRAs resemble each other, not their concept
     alone = np.eye(len(loras), INIT_DIM, dtype=np.float32)          # fingerprints that link nothing
-    V, _ = neighbour_vectors(content_space(rows.copy(), alone), sources, texts[concept[sources]])
+    V, _, _ = neighbour_vectors(content_space(rows.copy(), alone), sources, texts[concept[sources]])
     assert (V.argmax(1) == concept)[~sources].mean() < 0.5
 
 
 def test_no_source_no_vector_and_never_its_own_text():
     X = np.eye(3, dtype=np.float32)
-    V, has = neighbour_vectors(X, np.array([True, False, False]), np.array([[1.0, 0.0]], dtype=np.float32))
+    V, has, used = neighbour_vectors(X, np.array([True, False, False]), np.array([[1.0, 0.0]], dtype=np.float32))
     assert not has[0] and has[1:].all()                            # the only source is not its own neighbour
-    V, has = neighbour_vectors(X, np.zeros(3, dtype=bool), np.zeros((0, 2), dtype=np.float32))
+    assert used == [[], [0], [0]]
+    V, has, _ = neighbour_vectors(X, np.zeros(3, dtype=bool), np.zeros((0, 2), dtype=np.float32))
     assert not has.any() and not V.any()
 
 
@@ -81,6 +84,11 @@ def test_the_index_finds_a_bare_file_from_a_prompt_and_keeps_it_after_a_refresh(
     ranked = [h.name for h in hits]
     assert ranked.index("glimmet_r8_s7") < 4                        # among the ghosts, from its weights alone
     assert set(hits[0].channels) == {"neighbours"}
+    assert all(n.startswith("glimmet_") for n in index.resembles(bare.id))   # what its vector came from ...
+    assert LibraryIndex.open(cat, text_embedder=HashingEmbedder(64)).resembles(bare.id) == index.resembles(bare.id)
+    reasons = {h.id: reason(h, prompt, "character", "metadata", index) for h in hits}
+    assert "its weights resemble glimmet_" in reasons[bare.id]             # ... and how a pick says so,
+    assert all("resemble" not in r for i, r in reasons.items() if i != bare.id)   # only where it has no metadata
     # a new bare file: an incremental refresh gives it (and keeps everyone's) vector, reading no other file
     shutil.copy(write_lora(synthetic_lora("hat", 4, 9, SMALL_TARGETS), tmp_path / "x.safetensors"),
                 lib / "bare" / "hat_r4_s9.safetensors")
