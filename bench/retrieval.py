@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.machine import machine  # noqa: E402
-from retrieval.autopick import autopick  # noqa: E402
+from retrieval.autopick import DEFAULT_THRESHOLD, autopick  # noqa: E402
 from retrieval.descriptor import lora_svds  # noqa: E402
 from retrieval.encoder import TrainingPair, train_encoder  # noqa: E402
 from retrieval.index import VectorIndex, normalise, recall_at_k  # noqa: E402
@@ -136,7 +136,7 @@ def check_prompts(entries, concepts: dict[int, str]) -> None:
         if c is None:
             continue
         used = metadata_stems(e)
-        for p in PROMPTS[c]:
+        for p in PROMPTS[c] + SECOND_PROMPTS[c]:
             overlap = set(stems(p)) & used
             if overlap:
                 bad.append(f"{c} prompt {p!r} shares {sorted(overlap)} with {e.name}'s metadata")
@@ -171,6 +171,41 @@ def rank_metrics(ranked: list[list[int]], relevant: list[set[int]]) -> dict:
             rr += 1.0 / (pos + 1)
     n = max(len(ranked), 1)
     return {"r1": round(r1 / n, 4), "r3": round(r3 / n, 4), "mrr": round(rr / n, 4), "n_queries": len(ranked)}
+
+# A second, independent set written later (same rule): the figures above move by a query or two with any change,
+# so a change is judged on both sets together ("all_prompts" in the result).
+SECOND_PROMPTS = {
+    "zorbo": ["a little green space invader", "a visitor from outer space with feelers"],
+    "glimmet": ["a haunting apparition", "a bedsheet spirit that says boo"],
+    "botzy": ["a clanking tin machine man", "a mechanized humanoid with circuits"],
+    "kittox": ["a purring tabby", "a house pet that chases mice"],
+    "snarvel": ["a sluggish critter leaving a slime trail", "a creeping mollusk"],
+    "fungle": ["a forest fungus", "a morel sprouting in damp soil"],
+    "hat": ["a gentleman's headwear", "a magician's headpiece for pulling rabbits"],
+    "scarf": ["a knitted wrap for chilly weather", "a warm muffler"],
+    "glasses": ["shades on its face", "tinted spectacles"],
+    "crown": ["a tiara fit for a queen", "a king's headdress"],
+    "stripes": ["a pattern of slanted lines", "streaked like a barber pole"],
+    "polka": ["a dotty pattern", "speckled like a ladybird"],
+    "outline": ["just the silhouette's edge, nothing inside", "line art without colouring in"],
+    "mosaic": ["like a retro arcade sprite", "blocky eight bit graphics"],
+    "pastel": ["muted candy colours", "faint chalky hues"],
+    "hatching": ["a crosshatched pen study", "like an old engraving"],
+    "checker": ["a chessboard pattern", "a draughtboard behind it"],
+    "grid": ["a blueprint sketch behind it", "an engineer's ruled chart"],
+    "starfield": ["outer space with constellations", "the cosmos at midnight"],
+    "sunset": ["dusk over the horizon", "twilight colours as the day ends"],
+    "waves": ["surf at the shore", "a marine swell"],
+    "brick": ["a stonework facade", "a factory facade of fired clay"],
+    "ball": ["a bouncy plaything", "a sphere kids kick around"],
+    "tree": ["an oak sapling", "a bush with foliage"],
+    "key": ["a padlock opener", "what you turn in a door to unlock it"],
+    "cup": ["a coffee vessel", "a teacup"],
+}
+SECOND_NOTHING_FITS = [
+    "a sailing yacht on a lake", "a plate of spaghetti", "a city bus in traffic", "a grand piano on a stage",
+    "a giraffe on the savanna", "a cheeseburger with fries", "a helicopter over a harbour", "a smartphone screen"]
+SPLITS = 8   # weights-only (neighbour transfer) is also scored over this many splits (seeds 0..SPLITS-1): its spread
 
 
 def quality(args, work: Path) -> tuple[dict, object, object]:
@@ -239,6 +274,13 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
             out["fused_misses"] = [{"prompt": p, "concept": c, "top3": [names.get(h.id) for h in hs[:3]]}
                                    for (p, c), hs, rel in zip(queries, hits, relevant)
                                    if not any(h.id in rel for h in hs[:3])]
+    # the second prompt set, and both together
+    second = [(p, c) for c in sorted(set(concepts.values())) for p in SECOND_PROMPTS[c]]
+    for key, mode in (("fused", "fused"), ("metadata_only", "metadata")):
+        for name, qs in (("second_prompts", second), ("all_prompts", queries + second)):
+            hits = plain.search_many([p for p, _ in qs], k=n_all, family="tinyworld", mode=mode)
+            out.setdefault(name, {})[key] = rank_metrics(
+                [[h.id for h in hs] for hs in hits], [{i for i, cc in concepts.items() if cc == c} for _, c in qs])
     # weights only: queries about concepts with unseen LoRAs, ranking only the unseen LoRAs. Neighbour transfer
     # (the studio's weights-only channel) may transfer only the training split's metadata, as the encoder saw only
     # that; the learned encoder alone for comparison.
@@ -253,6 +295,18 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
         rel = [{i for i in pool if concepts[i] == c} for _, c in qs]
         out[key] = rank_metrics(ranked, rel)
         out[key]["pool"] = len(pool)
+    # the same over SPLITS random splits (no encoder to train for it): how much the one split's figure is luck
+    has_meta = {e.id: Metadata.of(e).has_text for e in entries}
+    spread = []
+    for seed in range(SPLITS):
+        tr, un = split_loras(concepts, has_meta, seed)
+        plain.build_neighbours(sources=tr)
+        qs = [(p, c) for p, c in queries if any(concepts[i] == c for i in un)]
+        hits = plain.search_many([p for p, _ in qs], k=n_all, family="tinyworld", mode="weights")
+        spread.append(rank_metrics([[h.id for h in hs if h.id in un] for hs in hits],
+                                   [{i for i in un if concepts[i] == c} for _, c in qs])["r3"])
+    out["weights_only_unseen_splits"] = {"r3_mean": round(float(np.mean(spread)), 4), "r3_min": min(spread),
+                                         "r3_max": max(spread), "r3": spread, "splits": SPLITS}
     plain.build_neighbours()   # back to the studio's own: every LoRA with metadata is a source
     # auto-pick (as the studio runs it, without an encoder): the top pick on concept prompts, and nothing on prompts about nothing in the library
     top_ok = 0
@@ -265,8 +319,13 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
             misses.append({"prompt": p, "concept": c, "picks": [(k.name, round(k.score, 3), k.phrase) for k in picks]})
     out["autopick_misses"] = misses
     empty = sum(not autopick(p, plain, k=3, family="tinyworld") for p in NOTHING_FITS)
+    top2 = sum(bool(pk := autopick(p, plain, k=3, family="tinyworld")) and concepts.get(pk[0].id) == c
+               for p, c in second)
+    empty2 = sum(not autopick(p, plain, k=3, family="tinyworld") for p in SECOND_NOTHING_FITS)
     out["autopick"] = {"top_pick_correct": round(top_ok / len(queries), 4),
-                       "nothing_fits_empty": round(empty / len(NOTHING_FITS), 4), "threshold": 0.3}
+                       "nothing_fits_empty": round(empty / len(NOTHING_FITS), 4), "threshold": DEFAULT_THRESHOLD,
+                       "second_prompts": {"top_pick_correct": round(top2 / len(second), 4),
+                                          "nothing_fits_empty": round(empty2 / len(SECOND_NOTHING_FITS), 4)}}
     out["library"] = {"kind": kind, "paths": [str(lib.relative_to(ROOT)) if lib.is_relative_to(ROOT) else str(lib)
                                               for lib in libraries], "loras": len(entries), "with_concept": len(concepts),
                       "bare": sum(not Metadata.of(e).has_text for e in entries),

@@ -125,6 +125,15 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
     add("Retrieval", "weights-only R@3 (neighbour transfer), LoRAs whose metadata no step saw", wo.get("r3"), ">= 0.80",
         (wo.get("r3") or 0) >= 0.8)
     quality = ret.get("details", {}).get("quality", {})
+    spread = quality.get("weights_only_unseen_splits", {})
+    if spread:
+        add("Retrieval", f"same, mean over {spread['splits']} random splits (min {spread['r3_min']}, max "
+            f"{spread['r3_max']})", spread["r3_mean"], "(context)", None)
+    for key, label in (("second_prompts", "second prompt set"), ("all_prompts", "both prompt sets")):
+        f2 = quality.get(key, {}).get("fused", {})
+        if f2:
+            add("Retrieval", f"fused R@3 / MRR, {label} ({f2['n_queries']} prompts)", f"{f2['r3']} / {f2['mrr']}",
+                "(context)", None)
     enc = quality.get("encoder_only_unseen", {})
     add("Retrieval", "same, the learned encoder alone, LoRAs it never saw", enc.get("r3"), "(context)", None)
     add("Retrieval", "fused R@3 with the learned encoder's joint channel", quality.get("fused_with_encoder", {}).get("r3"),
@@ -132,6 +141,10 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
     pick = ret.get("details", {}).get("quality", {}).get("autopick", {})
     add("Retrieval", "auto-pick: top pick right, paraphrase prompts", pick.get("top_pick_correct"), "(context)", None)
     add("Retrieval", "auto-pick: nothing picked, off-library prompts", pick.get("nothing_fits_empty"), "(context)", None)
+    if "second_prompts" in pick:
+        add("Retrieval", "auto-pick, second prompt set: top pick right / nothing picked off-library",
+            f"{pick['second_prompts']['top_pick_correct']} / {pick['second_prompts']['nothing_fits_empty']}",
+            "(context)", None)
     add("Retrieval", f"query at {scale.get('n', '1M')} vectors, ms", scale.get("ms_per_query"), "<= 1",
         scale.get("ms_per_query") is not None and scale["ms_per_query"] <= 1)
     add("Retrieval", "recall vs exact search at that size", scale.get("recall"), ">= 0.97", (scale.get("recall") or 0) >= 0.97)
