@@ -70,6 +70,9 @@ def main(argv=None):
     ap.add_argument("--work", default="runs/base")
     ap.add_argument("--out", default="assets/tinyworld")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: on CUDA the UNet and text encoder train under "
+                    "bf16 autocast (data, noise and the random draws stay on the CPU generator: the same "
+                    "samples as on CPU)")
     ap.add_argument("--noise-offset", type=float, default=0.3,
                     help="std of a per-image, per-channel constant added to the noise, so that the global colour "
                          "of a picture is learned from the text rather than read from the noise (16x16 latents "
@@ -118,12 +121,15 @@ def main(argv=None):
         unet = UNet2DConditionModel.from_pretrained(args.init, subfolder="unet", torch_dtype=torch.float32)
         text_encoder = CLIPTextModel.from_pretrained(args.init, subfolder="text_encoder", dtype=torch.float32)
         print(f"initialised from {args.init}")
+    device = torch.device(args.device)
+    unet.to(device)
+    text_encoder.to(device)
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     step, seconds = 0, 0.0
     if ckpt.exists():
-        st = torch.load(ckpt, weights_only=True)
+        st = torch.load(ckpt, weights_only=True, map_location=device)
         unet.load_state_dict(st["unet"])
         text_encoder.load_state_dict(st["te"])
         ema_unet.load_state_dict(st["ema_unet"])
@@ -140,7 +146,11 @@ def main(argv=None):
 
     def export():
         ema_unet.eval()
+        ema_unet.to("cpu")
+        ema_te.to("cpu")
         export_pipeline(vae, ema_unet, ema_te, tokenizer, args.out)
+        ema_unet.to(device)
+        ema_te.to(device)
         stats = {"component": "unet+text_encoder", "steps": step, "train_seconds": round(seconds, 1),
                  "unet_params": n_params(ema_unet), "text_encoder_params": n_params(ema_te),
                  "batch": args.batch, "n_train_images": args.n_images, "lr": args.lr,
@@ -183,10 +193,12 @@ def main(argv=None):
         noise += args.noise_offset * torch.randn(z.shape[0], z.shape[1], 1, 1, generator=gen)
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
         zt = noise_sched.add_noise(z, noise, t)
-        cond = text_encoder(ids)[0]
-        pred = unet(zt, t, cond).sample
         w = torch.clamp(snr[t], max=5.0) / snr[t]
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        zt, noise, t, w, ids = (x.to(device, non_blocking=True) for x in (zt, noise, t, w, ids))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            cond = text_encoder(ids)[0]
+            pred = unet(zt, t, cond).sample
+        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         for g in opt.param_groups:
             g["lr"] = float(args.lr * lr_at(step))
         opt.zero_grad(set_to_none=True)
