@@ -391,6 +391,7 @@ class LibraryIndex:
         self.vectors["neighbours"].clear()
         self.members["neighbours"] = set()
         self.neighbour_sources = {}
+        self._bg.pop("neighbours", None)   # the channel's background sample (query baselines) is rebuilt with it
         missing = [i for i in self.entries if i not in self._content]
         if missing:   # after an incremental refresh: the unchanged LoRAs' features again (catalog, else files)
             current = self._catalog_entries()

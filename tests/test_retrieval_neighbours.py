@@ -99,3 +99,11 @@ def test_the_index_finds_a_bare_file_from_a_prompt_and_keeps_it_after_a_refresh(
     hat = index.vector("neighbours", cat.get("hat_r4_s9").id)
     near = max((i for i in index.members["meta"]), key=lambda i: float(index.vector("meta", i) @ hat))
     assert index.entries[near].name.startswith("hat_")
+    # rebuilding the channel from a subset of sources and back gives the same scores as a fresh index (the query
+    # baselines follow the channel: none is left from the subset's vectors)
+    index.build_neighbours(sources={i for i in index.members["meta"] if not index.entries[i].name.startswith("glim")})
+    assert index.search(prompt, k=1, family="tinyworld", mode="weights")[0].id != bare.id   # no ghost text to take
+    index.build_neighbours()
+    fresh = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64))
+    assert [(h.id, round(h.score, 6)) for h in index.search(prompt, k=10, family="tinyworld")] == \
+        [(h.id, round(h.score, 6)) for h in fresh.search(prompt, k=10, family="tinyworld")]
