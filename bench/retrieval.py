@@ -92,6 +92,40 @@ NOTHING_FITS = [
     "a violin on a wooden table", "a dinosaur skeleton in a museum", "a pizza with pepperoni",
     "a tractor ploughing a field", "a laptop computer on a desk",
 ]
+# A second, independent set written later (same rule): the figures above move by a query or two with any change,
+# so a change is judged on both sets together ("all_prompts" in the result).
+SECOND_PROMPTS = {
+    "zorbo": ["a little green space invader", "a visitor from outer space with feelers"],
+    "glimmet": ["a haunting apparition", "a bedsheet spirit that says boo"],
+    "botzy": ["a clanking tin machine man", "a mechanized humanoid with circuits"],
+    "kittox": ["a purring tabby", "a house pet that chases mice"],
+    "snarvel": ["a sluggish critter leaving a slime trail", "a creeping mollusk"],
+    "fungle": ["a forest fungus", "a morel sprouting in damp soil"],
+    "hat": ["a gentleman's headwear", "a magician's headpiece for pulling rabbits"],
+    "scarf": ["a knitted wrap for chilly weather", "a warm muffler"],
+    "glasses": ["shades on its face", "tinted spectacles"],
+    "crown": ["a tiara fit for a queen", "a king's headdress"],
+    "stripes": ["a pattern of slanted lines", "streaked like a barber pole"],
+    "polka": ["a dotty pattern", "speckled like a ladybird"],
+    "outline": ["just the silhouette's edge, nothing inside", "line art without colouring in"],
+    "mosaic": ["like a retro arcade sprite", "blocky eight bit graphics"],
+    "pastel": ["muted candy colours", "faint chalky hues"],
+    "hatching": ["a crosshatched pen study", "like an old engraving"],
+    "checker": ["a chessboard pattern", "a draughtboard behind it"],
+    "grid": ["a blueprint sketch behind it", "an engineer's ruled chart"],
+    "starfield": ["outer space with constellations", "the cosmos at midnight"],
+    "sunset": ["dusk over the horizon", "twilight colours as the day ends"],
+    "waves": ["surf at the shore", "a marine swell"],
+    "brick": ["a stonework facade", "a factory facade of fired clay"],
+    "ball": ["a bouncy plaything", "a sphere kids kick around"],
+    "tree": ["an oak sapling", "a bush with foliage"],
+    "key": ["a padlock opener", "what you turn in a door to unlock it"],
+    "cup": ["a coffee vessel", "a teacup"],
+}
+SECOND_NOTHING_FITS = [
+    "a sailing yacht on a lake", "a plate of spaghetti", "a city bus in traffic", "a grand piano on a stage",
+    "a giraffe on the savanna", "a cheeseburger with fries", "a helicopter over a harbour", "a smartphone screen"]
+SPLITS = 8   # weights-only (neighbour transfer) is also scored over this many splits (seeds 0..SPLITS-1): its spread
 
 
 def log(msg: str) -> None:
@@ -172,41 +206,33 @@ def rank_metrics(ranked: list[list[int]], relevant: list[set[int]]) -> dict:
     n = max(len(ranked), 1)
     return {"r1": round(r1 / n, 4), "r3": round(r3 / n, 4), "mrr": round(rr / n, 4), "n_queries": len(ranked)}
 
-# A second, independent set written later (same rule): the figures above move by a query or two with any change,
-# so a change is judged on both sets together ("all_prompts" in the result).
-SECOND_PROMPTS = {
-    "zorbo": ["a little green space invader", "a visitor from outer space with feelers"],
-    "glimmet": ["a haunting apparition", "a bedsheet spirit that says boo"],
-    "botzy": ["a clanking tin machine man", "a mechanized humanoid with circuits"],
-    "kittox": ["a purring tabby", "a house pet that chases mice"],
-    "snarvel": ["a sluggish critter leaving a slime trail", "a creeping mollusk"],
-    "fungle": ["a forest fungus", "a morel sprouting in damp soil"],
-    "hat": ["a gentleman's headwear", "a magician's headpiece for pulling rabbits"],
-    "scarf": ["a knitted wrap for chilly weather", "a warm muffler"],
-    "glasses": ["shades on its face", "tinted spectacles"],
-    "crown": ["a tiara fit for a queen", "a king's headdress"],
-    "stripes": ["a pattern of slanted lines", "streaked like a barber pole"],
-    "polka": ["a dotty pattern", "speckled like a ladybird"],
-    "outline": ["just the silhouette's edge, nothing inside", "line art without colouring in"],
-    "mosaic": ["like a retro arcade sprite", "blocky eight bit graphics"],
-    "pastel": ["muted candy colours", "faint chalky hues"],
-    "hatching": ["a crosshatched pen study", "like an old engraving"],
-    "checker": ["a chessboard pattern", "a draughtboard behind it"],
-    "grid": ["a blueprint sketch behind it", "an engineer's ruled chart"],
-    "starfield": ["outer space with constellations", "the cosmos at midnight"],
-    "sunset": ["dusk over the horizon", "twilight colours as the day ends"],
-    "waves": ["surf at the shore", "a marine swell"],
-    "brick": ["a stonework facade", "a factory facade of fired clay"],
-    "ball": ["a bouncy plaything", "a sphere kids kick around"],
-    "tree": ["an oak sapling", "a bush with foliage"],
-    "key": ["a padlock opener", "what you turn in a door to unlock it"],
-    "cup": ["a coffee vessel", "a teacup"],
-}
-SECOND_NOTHING_FITS = [
-    "a sailing yacht on a lake", "a plate of spaghetti", "a city bus in traffic", "a grand piano on a stage",
-    "a giraffe on the savanna", "a cheeseburger with fries", "a helicopter over a harbour", "a smartphone screen"]
-SPLITS = 8   # weights-only (neighbour transfer) is also scored over this many splits (seeds 0..SPLITS-1): its spread
 
+
+
+def ranked_metrics(idx, qs, concepts: dict[int, str], mode: str, pool: set[int] | None = None
+                   ) -> tuple[dict, list[list[int]], list[set[int]]]:
+    """(metrics, ranked ids, relevant ids) of `idx` searched in `mode` for the (prompt, concept) pairs `qs`; with a
+    `pool`, only the prompts about a concept it holds, ranking only its LoRAs."""
+    if pool is not None:
+        qs = [(p, c) for p, c in qs if any(concepts[i] == c for i in pool)]
+    hits = idx.search_many([p for p, _ in qs], k=len(idx), family="tinyworld", mode=mode)
+    ranked = [[h.id for h in hs if pool is None or h.id in pool] for hs in hits]
+    relevant = [{i for i, cc in concepts.items() if cc == c and (pool is None or i in pool)} for _, c in qs]
+    return rank_metrics(ranked, relevant), ranked, relevant
+
+
+def autopick_scores(index, qs, off_library: list[str], concepts: dict[int, str]) -> tuple[float, float, list[dict]]:
+    """(share of concept prompts whose top pick is of that concept, share of off-library prompts that pick nothing,
+    the misses) of auto-pick as the studio runs it."""
+    top_ok, misses = 0, []
+    for p, c in qs:
+        picks = autopick(p, index, k=3, family="tinyworld")
+        ok = bool(picks) and concepts.get(picks[0].id) == c
+        top_ok += ok
+        if not ok:
+            misses.append({"prompt": p, "concept": c, "picks": [(k.name, round(k.score, 3), k.phrase) for k in picks]})
+    empty = sum(not autopick(p, index, k=3, family="tinyworld") for p in off_library)
+    return round(top_ok / len(qs), 4), round(empty / len(off_library), 4), misses
 
 def quality(args, work: Path) -> tuple[dict, object, object]:
     libraries = [Path(p) for p in args.library]
@@ -263,24 +289,22 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
     index = LibraryIndex.open(cat, text_embedder=text, encoder=encoder)
     queries = [(p, c) for c in sorted(set(concepts.values())) for p in PROMPTS[c]]
     relevant = [{i for i, cc in concepts.items() if cc == c} for _, c in queries]
-    n_all = len(index)
     out = {}
+    ranked_first = {}
     for key, mode, idx in (("fused", "fused", plain), ("fused_with_encoder", "fused", index),
                            ("metadata_only", "metadata", plain), ("lexical_only", "lexical", plain)):
-        hits = idx.search_many([p for p, _ in queries], k=n_all, family="tinyworld", mode=mode)
-        out[key] = rank_metrics([[h.id for h in hs] for hs in hits], relevant)
+        out[key], ranked, _ = ranked_metrics(idx, queries, concepts, mode)
+        ranked_first[key] = ranked
         if key == "fused":   # the misses, for diagnosis: prompt, concept, what came first
             names = {e.id: e.name for e in entries}
-            out["fused_misses"] = [{"prompt": p, "concept": c, "top3": [names.get(h.id) for h in hs[:3]]}
-                                   for (p, c), hs, rel in zip(queries, hits, relevant)
-                                   if not any(h.id in rel for h in hs[:3])]
+            out["fused_misses"] = [{"prompt": p, "concept": c, "top3": [names.get(i) for i in order[:3]]}
+                                   for (p, c), order, rel in zip(queries, ranked, relevant)
+                                   if not any(i in rel for i in order[:3])]
     # the second prompt set, and both together
     second = [(p, c) for c in sorted(set(concepts.values())) for p in SECOND_PROMPTS[c]]
     for key, mode in (("fused", "fused"), ("metadata_only", "metadata")):
-        for name, qs in (("second_prompts", second), ("all_prompts", queries + second)):
-            hits = plain.search_many([p for p, _ in qs], k=n_all, family="tinyworld", mode=mode)
-            out.setdefault(name, {})[key] = rank_metrics(
-                [[h.id for h in hs] for hs in hits], [{i for i, cc in concepts.items() if cc == c} for _, c in qs])
+        out.setdefault("second_prompts", {})[key], ranked, rel = ranked_metrics(plain, second, concepts, mode)
+        out.setdefault("all_prompts", {})[key] = rank_metrics(ranked_first[key] + ranked, relevant + rel)
     # weights only: queries about concepts with unseen LoRAs, ranking only the unseen LoRAs. Neighbour transfer
     # (the studio's weights-only channel) may transfer only the training split's metadata, as the encoder saw only
     # that; the learned encoder alone for comparison.
@@ -289,43 +313,23 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
                                  ("weights_only_seen", train_ids, plain, "weights"),
                                  ("encoder_only_unseen", unseen_ids, index, "encoder"),
                                  ("encoder_only_seen", train_ids, index, "encoder")):
-        qs = [(p, c) for p, c in queries if any(concepts[i] == c for i in pool)]
-        hits = idx.search_many([p for p, _ in qs], k=n_all, family="tinyworld", mode=mode)
-        ranked = [[h.id for h in hs if h.id in pool] for hs in hits]
-        rel = [{i for i in pool if concepts[i] == c} for _, c in qs]
-        out[key] = rank_metrics(ranked, rel)
-        out[key]["pool"] = len(pool)
+        out[key] = {**ranked_metrics(idx, queries, concepts, mode, pool)[0], "pool": len(pool)}
     # the same over SPLITS random splits (no encoder to train for it): how much the one split's figure is luck
     has_meta = {e.id: Metadata.of(e).has_text for e in entries}
     spread = []
     for seed in range(SPLITS):
         tr, un = split_loras(concepts, has_meta, seed)
         plain.build_neighbours(sources=tr)
-        qs = [(p, c) for p, c in queries if any(concepts[i] == c for i in un)]
-        hits = plain.search_many([p for p, _ in qs], k=n_all, family="tinyworld", mode="weights")
-        spread.append(rank_metrics([[h.id for h in hs if h.id in un] for hs in hits],
-                                   [{i for i in un if concepts[i] == c} for _, c in qs])["r3"])
+        spread.append(ranked_metrics(plain, queries, concepts, "weights", un)[0]["r3"])
     out["weights_only_unseen_splits"] = {"r3_mean": round(float(np.mean(spread)), 4), "r3_min": min(spread),
                                          "r3_max": max(spread), "r3": spread, "splits": SPLITS}
     plain.build_neighbours()   # back to the studio's own: every LoRA with metadata is a source
-    # auto-pick (as the studio runs it, without an encoder): the top pick on concept prompts, and nothing on prompts about nothing in the library
-    top_ok = 0
-    misses = []
-    for p, c in queries:
-        picks = autopick(p, plain, k=3, family="tinyworld")
-        ok = bool(picks) and concepts.get(picks[0].id) == c
-        top_ok += ok
-        if not ok:
-            misses.append({"prompt": p, "concept": c, "picks": [(k.name, round(k.score, 3), k.phrase) for k in picks]})
-    out["autopick_misses"] = misses
-    empty = sum(not autopick(p, plain, k=3, family="tinyworld") for p in NOTHING_FITS)
-    top2 = sum(bool(pk := autopick(p, plain, k=3, family="tinyworld")) and concepts.get(pk[0].id) == c
-               for p, c in second)
-    empty2 = sum(not autopick(p, plain, k=3, family="tinyworld") for p in SECOND_NOTHING_FITS)
-    out["autopick"] = {"top_pick_correct": round(top_ok / len(queries), 4),
-                       "nothing_fits_empty": round(empty / len(NOTHING_FITS), 4), "threshold": DEFAULT_THRESHOLD,
-                       "second_prompts": {"top_pick_correct": round(top2 / len(second), 4),
-                                          "nothing_fits_empty": round(empty2 / len(SECOND_NOTHING_FITS), 4)}}
+    # auto-pick (as the studio runs it, without an encoder): the top pick on concept prompts, and nothing on prompts
+    # about nothing in the library
+    top, empty, out["autopick_misses"] = autopick_scores(plain, queries, NOTHING_FITS, concepts)
+    top2, empty2, _ = autopick_scores(plain, second, SECOND_NOTHING_FITS, concepts)
+    out["autopick"] = {"top_pick_correct": top, "nothing_fits_empty": empty, "threshold": DEFAULT_THRESHOLD,
+                       "second_prompts": {"top_pick_correct": top2, "nothing_fits_empty": empty2}}
     out["library"] = {"kind": kind, "paths": [str(lib.relative_to(ROOT)) if lib.is_relative_to(ROOT) else str(lib)
                                               for lib in libraries], "loras": len(entries), "with_concept": len(concepts),
                       "bare": sum(not Metadata.of(e).has_text for e in entries),

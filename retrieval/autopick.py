@@ -150,10 +150,10 @@ def reason(hit, query: str, category: str, source: str, library) -> str:
     why = f"'{query}' matches this {category} LoRA: score {hit.score:.2f} ({chan})"
     if hit.matched:
         why += f"; shared words: {', '.join(hit.matched)}"
-    if "neighbours" in hit.channels and hit.id not in library.members.get("meta", ()) and hasattr(library, "resembles"):
-        like = library.resembles(hit.id)
-        if like:
-            why += f"; no metadata, its weights resemble {', '.join(like)}"
+    bare = "neighbours" in hit.channels and hit.id not in library.members.get("meta", ())
+    like = library.resembles(hit.id) if bare else []
+    if like:
+        why += f"; no metadata, its weights resemble {', '.join(like)}"
     if source == "classifier":
         why += "; category guessed from its weights"
     return why
