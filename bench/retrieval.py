@@ -126,6 +126,7 @@ SECOND_NOTHING_FITS = [
     "a sailing yacht on a lake", "a plate of spaghetti", "a city bus in traffic", "a grand piano on a stage",
     "a giraffe on the savanna", "a cheeseburger with fries", "a helicopter over a harbour", "a smartphone screen"]
 SPLITS = 8   # weights-only (neighbour transfer) is also scored over this many splits (seeds 0..SPLITS-1): its spread
+DRAWS = 4    # ... and fused and weights-only over this many draws of the descriptor's fixed random projections
 
 
 def log(msg: str) -> None:
@@ -324,6 +325,7 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
     out["weights_only_unseen_splits"] = {"r3_mean": round(float(np.mean(spread)), 4), "r3_min": min(spread),
                                          "r3_max": max(spread), "r3": spread, "splits": SPLITS}
     plain.build_neighbours()   # back to the studio's own: every LoRA with metadata is a source
+    out["projection_draws"] = projection_draws(libraries, entries, text, work, queries, second, concepts, has_meta)
     # auto-pick (as the studio runs it, without an encoder): the top pick on concept prompts, and nothing on prompts
     # about nothing in the library
     top, empty, out["autopick_misses"] = autopick_scores(plain, queries, NOTHING_FITS, concepts)
@@ -338,6 +340,42 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
                       "text_embedder": text.name, "encoder_steps": args.encoder_steps,
                       "encoder_train_s": round(train_s, 1), "scan": [str(sc).splitlines()[0] for sc in scans]}
     return out, text, encoder
+
+
+def projection_draws(libraries, entries, text, work: Path, queries, second, concepts: dict[int, str],
+                     has_meta: dict[int, bool]) -> dict:
+    """Fused R@3 (both prompt sets) and the weights-only mean R@3 over the SPLITS splits, for DRAWS seeds of the
+    descriptor's fixed random projections (seed 0 is the studio's): how much a figure owes to one draw. Each
+    draw scans the library into a catalog of its own (an index of another seed reads the files itself)."""
+    from retrieval.descriptor import DescriptorConfig
+
+    path_of = {e.id: str(e.path) for e in entries}
+    rows = []
+    for seed in range(DRAWS):
+        draw = Catalog(work / f"draw{seed}" / "catalog.sqlite")
+        for lib in libraries:
+            draw.scan(lib, workers=os.cpu_count() or 1)
+        new_id = {str(e.path): e.id for e in draw.all()}
+        remap = {i: new_id[path_of[i]] for i in path_of}
+        c = {remap[i]: v for i, v in concepts.items()}
+        meta = {remap[i]: v for i, v in has_meta.items()}
+        idx = LibraryIndex.open(draw, text_embedder=text, descriptor_config=DescriptorConfig(seed=seed))
+        row = {"seed": seed, "fused_r3": ranked_metrics(idx, queries, c, "fused")[0]["r3"],
+               "fused_r3_second": ranked_metrics(idx, second, c, "fused")[0]["r3"]}
+        spread, spread2 = [], []
+        for split in range(SPLITS):
+            tr, un = split_loras(c, meta, split)
+            idx.build_neighbours(sources=tr)
+            spread.append(ranked_metrics(idx, queries, c, "weights", un)[0]["r3"])
+            spread2.append(ranked_metrics(idx, second, c, "weights", un)[0]["r3"])
+        row["weights_only_r3_mean"] = round(float(np.mean(spread)), 4)
+        row["weights_only_r3_mean_second"] = round(float(np.mean(spread2)), 4)
+        rows.append(row)
+        draw.close()
+        log(f"projection draw {seed}: {row}")
+    return {"draws": rows, **{f"mean_{k}": round(float(np.mean([r[k] for r in rows])), 4)
+                              for k in ("fused_r3", "fused_r3_second", "weights_only_r3_mean",
+                                        "weights_only_r3_mean_second")}}
 
 
 # ------------------------------------------------------------------------------------------------ scale

@@ -12,6 +12,12 @@ coordinates:
   Gram matrices (upper triangles): they survive a change of the random ``A`` that LoRA training starts from;
 - the normalised spectrum ``S/‖S‖`` and the module's log-norm relative to the LoRA's other modules.
 
+Stored after those (not part of the descriptor vector): the output-side factor ``R_c·U_k·S_k/‖S‖`` of a wider
+fixed projection R_c (`content_sketch` rows), sign-fixed per column. ``L·Lᵀ`` is the output Gram sketched at
+that width, from which `retrieval.neighbours` places a LoRA among the library's (its weights-only channel): at
+32 rows instead of 8 that channel finds more LoRAs (`bench/retrieval.py`, ``weights_only_unseen``), and the
+factor costs 32·k values per module where the Gram's upper triangle would cost 528.
+
 Every block is normalised on its own (so α, learning rate and rank do not matter), modules are laid out in a
 fixed order per base family (missing modules are zeros), and PCA (fitted on the library) reduces the whole to
 `dim` values, L2-normalised. All of it is a function of ΔW alone: ``B·R, R⁻¹·A`` gives the same descriptor, and
@@ -266,11 +272,22 @@ class DescriptorConfig:
     norm_weight: float = 0.5
     max_fit: int = 2048    # PCA is fitted on at most this many LoRAs ...
     fit_floats: int = 64_000_000  # ... and on at most this many raw values in all (SDXL-sized layouts)
+    content_sketch: int = 32   # rows of the output-side factor stored after each block (0: none)
 
     @property
     def block(self) -> int:
+        """Width of a module's descriptor block (what the descriptor vector is made of)."""
         d = self.sketch
         return d * d + d * (d + 1) + self.top_k + 1
+
+    @property
+    def content_width(self) -> int:
+        return self.content_sketch * self.top_k
+
+    @property
+    def stored_block(self) -> int:
+        """Width of a module's stored row: the descriptor block, then the output-side factor."""
+        return self.block + self.content_width
 
     def fit_size(self, n_modules: int) -> int:
         """How many LoRAs PCA is fitted on for a layout of `n_modules` modules."""
@@ -302,7 +319,32 @@ def _group_blocks(g: SVDGroup, cfg: DescriptorConfig, rel: np.ndarray) -> np.nda
     feats.append(cfg.spectrum_weight * spec)
     live = (S.norm(dim=1) > _EPS).float()
     feats.append(cfg.norm_weight * torch.tanh(torch.as_tensor(rel, dtype=torch.float32) / 2.0)[:, None])
+    if cfg.content_sketch:
+        feats.append(_content_factor(U, Sn, cfg))
     return (torch.cat(feats, dim=1) * live[:, None]).numpy()
+
+
+def content_projection(n_out: int, cfg: DescriptorConfig) -> torch.Tensor:
+    """(c, n_out): the fixed projection of the content factor. Orthonormal columns when the module has at most
+    c outputs (then ``L·Lᵀ`` keeps the Gram's inner products exactly, whatever the seed), else orthonormal rows
+    scaled by √(n_out/c) (a norm-preserving sketch; better conditioned than a Gaussian one)."""
+    c = cfg.content_sketch
+    R = random_projection(n_out, c, cfg.seed, "content")
+    if n_out <= c:
+        return torch.linalg.qr(R)[0]
+    return torch.linalg.qr(R.T)[0].T * (n_out / c) ** 0.5
+
+
+def _content_factor(U: torch.Tensor, Sn: torch.Tensor, cfg: DescriptorConfig) -> torch.Tensor:
+    """(b, k·content_sketch): per module the columns of ``R_c·U·S/‖S‖`` (zero-padded to k), each column's
+    largest-|.| entry made positive (so the factor does not depend on the SVD's signs)."""
+    b, n_out, kk = U.shape
+    L = content_projection(n_out, cfg) @ U * Sn[:, None, :]   # (b, c, kk)
+    peak = L.abs().argmax(dim=1, keepdim=True)
+    L = L * torch.where(L.gather(1, peak) < 0, -1.0, 1.0)
+    out = torch.zeros(b, cfg.top_k, cfg.content_sketch)
+    out[:, :kk] = L.transpose(1, 2)
+    return out.flatten(1)
 
 
 def packed_blocks(packed: PackedSVDs, cfg: DescriptorConfig) -> list[np.ndarray]:
@@ -378,16 +420,17 @@ class WeightDescriptor:
         return dict(item), family
 
     def raw(self, blocks: Blocks, layout: Sequence[str]) -> np.ndarray:
+        """The raw descriptor row of one LoRA over `layout` (the descriptor part of each stored block)."""
         b = self.config.block
         if layout and len(blocks) == len(layout) and all(a == n for a, n in zip(blocks, layout)):   # its order
             values = list(blocks.values())
-            if all(v.shape == (b,) for v in values):
-                return _unit(np.concatenate(values).astype(np.float32, copy=False))
+            if all(v.shape[0] >= b for v in values):
+                return _unit(np.concatenate([v[:b] for v in values]).astype(np.float32, copy=False))
         out = np.zeros(len(layout) * b, dtype=np.float32)
         for i, name in enumerate(layout):
             block = blocks.get(name)
             if block is not None:
-                out[i * b:(i + 1) * b] = block
+                out[i * b:(i + 1) * b] = block[:b]
         return _unit(out)
 
     def _raw_rows(self, group: Sequence, layout: list[str]) -> np.ndarray:
@@ -396,9 +439,10 @@ class WeightDescriptor:
         b = self.config.block
         X = np.zeros((len(group), len(layout) * b), dtype=np.float32)
         fast = [i for i, s in enumerate(group)
-                if layout and isinstance(s, tuple) and s[0] == layout and s[1].shape == (len(layout), b)]
+                if layout and isinstance(s, tuple) and s[0] == layout and s[1].shape[0] == len(layout)
+                and s[1].shape[1] >= b]
         if fast:
-            F = np.stack([group[i][1] for i in fast]).reshape(len(fast), -1).astype(np.float32)
+            F = np.stack([group[i][1][:, :b] for i in fast]).reshape(len(fast), -1).astype(np.float32)
             X[fast] = F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), _EPS)
         if len(fast) < len(group):
             done = set(fast)
@@ -571,15 +615,16 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- catalog hook
 # raise whenever `raw_blocks_many` would give other blocks for the same LoRA, or stored features change
-# (2: stored with an init fingerprint, `retrieval.catalog_features`)
-BLOCKS_VERSION = 2
+# (2: stored with an init fingerprint, `retrieval.catalog_features`; 3: the output-side content factor)
+BLOCKS_VERSION = 3
 
 
 def blocks_fingerprint(cfg: DescriptorConfig) -> str:
     """What raw blocks depend on: the settings that shape them (not PCA's) and `BLOCKS_VERSION`. Blocks stored with
     another fingerprint are not used."""
     shaping = {"version": BLOCKS_VERSION, "sketch": cfg.sketch, "top_k": cfg.top_k, "seed": cfg.seed,
-               "spectrum_weight": cfg.spectrum_weight, "norm_weight": cfg.norm_weight}
+               "spectrum_weight": cfg.spectrum_weight, "norm_weight": cfg.norm_weight,
+               "content_sketch": cfg.content_sketch}
     return "blocks:" + hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -588,6 +633,6 @@ def stored_blocks(blocks: Mapping[str, np.ndarray], cfg: DescriptorConfig) -> tu
     back from the catalog or computed from the file (so both give the same vectors)."""
     names = list(blocks)
     if not names:
-        return names, np.zeros((0, cfg.block), np.float16)
+        return names, np.zeros((0, cfg.stored_block), np.float16)
     return names, np.stack([blocks[n] for n in names]).astype(np.float16)
 

@@ -70,7 +70,7 @@ class EncoderConfig:
     def descriptor_config(self):
         from .descriptor import DescriptorConfig
 
-        return DescriptorConfig(sketch=self.sketch, top_k=self.top_k, seed=self.seed)
+        return DescriptorConfig(sketch=self.sketch, top_k=self.top_k, seed=self.seed, content_sketch=0)
 
 
 @dataclass

@@ -42,7 +42,7 @@ from .descriptor import (DescriptorConfig, WeightDescriptor, blocks_fingerprint,
                          stored_blocks)
 from .index import VectorIndex, atomic_write
 from .loading import read_factors
-from .neighbours import attention_grams, content_rows, content_space, neighbour_vectors
+from .neighbours import ContentRows, attention_factors, content_space, neighbour_vectors
 from .shared_init import init_fingerprints
 from .text import LexicalIndex, Metadata, TextEmbedder, stems, text_key
 
@@ -149,7 +149,7 @@ class LibraryIndex:
         self.members: dict[str, set[int]] = {}
         self.calibration: dict[str, float] = {}
         self.lexical = LexicalIndex()
-        self._content: dict[int, tuple] = {}   # id -> (attention names, grams, init print): until neighbours are built
+        self._content: dict[int, tuple] = {}   # id -> (attention names, content factors, init print): until neighbours are built
         self.neighbour_sources: dict[int, list[int]] = {}   # id -> the LoRAs whose metadata its neighbours vector took
         self._forget_derived()
         self._reset_vectors()
@@ -373,7 +373,7 @@ class LibraryIndex:
         for j, (e, m) in enumerate(zip(r.entries, metas)):
             self.entries[e.id] = IndexedEntry(e.id, e.name, e.family, _stamp(e), m, str(e.path))
             report.added.append(e.name)
-            self._content[e.id] = (*attention_grams(r.names[j], r.blocks[j], self.descriptor.config),
+            self._content[e.id] = (*attention_factors(r.names[j], r.blocks[j], self.descriptor.config),
                                    r.init_prints[j])
         self._forget_derived()
 
@@ -398,7 +398,7 @@ class LibraryIndex:
             with self._featurizer([current[i] for i in missing if i in current], encode=False) as run:
                 for r, _ in run([current[i] for i in missing if i in current]):
                     for j, e in enumerate(r.entries):
-                        self._content[e.id] = (*attention_grams(r.names[j], r.blocks[j], self.descriptor.config),
+                        self._content[e.id] = (*attention_factors(r.names[j], r.blocks[j], self.descriptor.config),
                                                r.init_prints[j])
         meta = self.members.get("meta", set())
         for fam in sorted({e.family for e in self.entries.values()}):
@@ -406,7 +406,7 @@ class LibraryIndex:
             src = np.array([i in meta and (sources is None or i in sources) for i in ids], dtype=bool)
             if not src.any():
                 continue
-            X = content_space(content_rows([self._content[i][:2] for i in ids]),
+            X = content_space(ContentRows([self._content[i][:2] for i in ids], self.descriptor.config),
                               np.stack([self._content[i][2] for i in ids]).astype(np.float32))
             texts = np.stack([self.vectors["meta"].reconstruct(int(i)) for i in ids[src]])
             V, has, used = neighbour_vectors(X, src, texts)

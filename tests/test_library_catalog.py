@@ -288,7 +288,7 @@ def test_scan_stores_descriptor_features_with_each_row(tmp_path, library, monkey
         stored = catalog.stored_features([zqx.id], fp)[zqx.id]
         ref = raw_blocks(lora_svds(catalog.load(zqx.id), cfg.top_k), cfg)
         assert stored.names == list(ref) and stored.blocks.dtype == np.float16
-        assert stored.blocks.shape == (zqx.n_modules, cfg.block)
+        assert stored.blocks.shape == (zqx.n_modules, cfg.stored_block)
         assert np.allclose(stored.blocks, np.stack(list(ref.values())), atol=2e-3)
         assert stored.init_print.dtype == np.float16 and stored.init_print.shape == (INIT_DIM,)
         assert np.allclose(stored.init_print, init_fingerprints([catalog.load(zqx.id)])[0], atol=1e-3)

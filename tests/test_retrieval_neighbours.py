@@ -9,7 +9,7 @@ import torch
 from retrieval.descriptor import DescriptorConfig, lora_svds_many, raw_blocks_many, stored_blocks
 from retrieval.autopick import reason
 from retrieval.library import LibraryIndex
-from retrieval.neighbours import attention_grams, content_rows, content_space, neighbour_vectors
+from retrieval.neighbours import ContentRows, attention_factors, content_space, neighbour_vectors
 from retrieval.shared_init import INIT_DIM, init_fingerprints
 from retrieval.synthetic import SMALL_TARGETS, synthetic_lora, write_synthetic_library
 from retrieval.text import HashingEmbedder
@@ -43,20 +43,58 @@ def test_bare_loras_get_their_concepts_text_from_other_runs():
     loras, concept, run = batch_runs()
     cfg = DescriptorConfig()
     blocks = [stored_blocks(b, cfg) for b in raw_blocks_many(lora_svds_many(loras, cfg.top_k), cfg)]
-    rows = content_rows([attention_grams(names, b, cfg) for names, b in blocks])
+    rows = ContentRows([attention_factors(names, b, cfg) for names, b in blocks], cfg)
     prints = init_fingerprints(loras)
     assert prints.shape == (len(loras), INIT_DIM)
     texts = np.eye(concept.max() + 1, dtype=np.float32)           # one text vector per concept
     sources = run < 3                                              # runs 0-2 have metadata; run 3 is bare
-    X = content_space(rows.copy(), prints)
+    X = content_space(rows, prints)
     V, has, used = neighbour_vectors(X, sources, texts[concept[sources]])
     assert has.all()
     assert (V.argmax(1) == concept).all()                          # bare LoRAs included
     assert all(sources[u].all() and concept[u[0]] == c and i not in u for i, (u, c) in enumerate(zip(used, concept)))
-    # without taking the shared initialisation out, the bare run's LoRAs resemble each other, not their concept
+    # without taking the shared initialisation out, a LoRA's nearest LoRA is one of its own run, not its concept
+    def nearest(X):
+        S = X @ X.T
+        np.fill_diagonal(S, -np.inf)
+        return S.argmax(1)
+
     alone = np.eye(len(loras), INIT_DIM, dtype=np.float32)          # fingerprints that link nothing
-    V, _, _ = neighbour_vectors(content_space(rows.copy(), alone), sources, texts[concept[sources]])
-    assert (V.argmax(1) == concept)[~sources].mean() < 0.5
+    assert (run[nearest(content_space(rows, alone))] == run).mean() > 0.9
+    assert (concept[nearest(X)] == concept).all()
+
+
+def test_content_space_built_in_chunks_equals_the_explicit_one():
+    """At 10 000 LoRAs the content rows are never explicit: the randomised PCA over rows built chunk by chunk
+    (centring applied through the operator and its transpose) gives the space the explicit PCA gives."""
+    loras, concept, run = batch_runs(n_runs=5, n_concepts=6)
+    cfg = DescriptorConfig()
+    blocks = [stored_blocks(b, cfg) for b in raw_blocks_many(lora_svds_many(loras, cfg.top_k), cfg)]
+    rows = ContentRows([attention_factors(names, b, cfg) for names, b in blocks], cfg)
+    prints = init_fingerprints(loras)
+    explicit = content_space(rows, prints, dim=8)
+    chunked = content_space(rows, prints, dim=8, chunk=7, explicit_floats=0)
+    assert np.abs(explicit @ explicit.T - chunked @ chunked.T).max() < 1e-3
+    fitted_on_half = content_space(rows, prints, dim=8, fit_rows=15, explicit_floats=0)
+    assert fitted_on_half.shape == explicit.shape and np.isfinite(fitted_on_half).all()
+
+
+def test_the_content_factor_keeps_the_output_gram_and_ignores_svd_signs():
+    from retrieval.descriptor import ModuleSVD, content_projection, module_block
+
+    cfg = DescriptorConfig()
+    g = torch.Generator().manual_seed(3)
+    U = [torch.linalg.qr(torch.randn(24, 4, generator=g))[0] for _ in range(2)]   # 24 outputs <= 32 rows
+    S = [torch.tensor([4.0, 2.0, 1.0, 0.5]), torch.tensor([3.0, 3.0, 1.0, 0.1])]
+    V = [torch.linalg.qr(torch.randn(16, 4, generator=g))[0] for _ in range(2)]
+    f = [module_block(ModuleSVD(u, s, v), cfg).reshape(-1)[cfg.block:].reshape(cfg.top_k, cfg.content_sketch)
+         for u, s, v in zip(U, S, V)]
+    exact = torch.linalg.norm((U[0] * S[0] / S[0].norm()).T @ (U[1] * S[1] / S[1].norm())) ** 2
+    assert abs(float(np.linalg.norm(f[0] @ f[1].T) ** 2) - float(exact)) < 1e-4       # <G1, G2>_F kept exactly
+    flipped = module_block(ModuleSVD(-U[0], S[0], -V[0]), cfg).reshape(-1)[cfg.block:]
+    assert np.allclose(flipped, f[0].ravel(), atol=1e-6)
+    P = content_projection(24, cfg)
+    assert torch.allclose(P.T @ P, torch.eye(24), atol=1e-5)
 
 
 def test_no_source_no_vector_and_never_its_own_text():
