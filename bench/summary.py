@@ -129,6 +129,13 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
     if spread:
         add("Retrieval", f"same, mean over {spread['splits']} random splits (min {spread['r3_min']}, max "
             f"{spread['r3_max']})", spread["r3_mean"], "(context)", None)
+    draws = quality.get("projection_draws", {})
+    if draws:
+        n = len(draws["draws"])
+        add("Retrieval", f"fused R@3, first / second prompt set, mean over {n} draws of the descriptor's random "
+            f"projections", f"{draws['mean_fused_r3']} / {draws['mean_fused_r3_second']}", "(context)", None)
+        add("Retrieval", f"weights-only R@3 (mean over the splits), first / second prompt set, mean over {n} draws",
+            f"{draws['mean_weights_only_r3_mean']} / {draws['mean_weights_only_r3_mean_second']}", "(context)", None)
     for key, label in (("second_prompts", "second prompt set"), ("all_prompts", "both prompt sets")):
         f2 = quality.get(key, {}).get("fused", {})
         if f2:
