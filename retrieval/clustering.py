@@ -69,7 +69,7 @@ def STYLE_LAYERS(name: str) -> bool:  # noqa: N802 - a constant-like predicate
 
 
 # ------------------------------------------------------------------------------------------------- features
-FEATURE_CONFIG = DescriptorConfig(sketch=16, top_k=4)
+FEATURE_CONFIG = DescriptorConfig(sketch=16, top_k=4, content_sketch=0)   # the 32-row content Gram did not help here
 
 
 def _split_block(block: np.ndarray, cfg: DescriptorConfig) -> dict[str, np.ndarray]:
