@@ -22,3 +22,11 @@ def catalog_features(loras: Sequence[LoRA], cfg: DescriptorConfig | None = None
     packed = pack_svds(list(loras), max(cfg.top_k, 1), signs=False)   # neither depends on the signs
     prints = init_fingerprints(packed).astype(np.float16)
     return [(fingerprint, *stored_blocks(blocks, cfg), p) for blocks, p in zip(raw_blocks_many(packed, cfg), prints)]
+
+
+def _fingerprint() -> str:
+    """What `catalog_features` stores now: a catalog scan reads again the files it stored other features of."""
+    return blocks_fingerprint(DescriptorConfig())
+
+
+catalog_features.fingerprint = _fingerprint

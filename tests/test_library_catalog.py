@@ -323,6 +323,25 @@ def test_scan_stores_descriptor_features_with_each_row(tmp_path, library, monkey
         assert catalog.all() and catalog.feature_ids(fp) == {}
 
 
+def test_features_of_an_older_descriptor_are_refreshed_by_the_next_scan_once(tmp_path, library):
+    """After an upgrade that changes what the features hook stores (its fingerprint), the next scan reads those
+    files again and stores the new features (the index then reads no file); the scan after that reads none."""
+    from retrieval.descriptor import DescriptorConfig, blocks_fingerprint
+
+    fp = blocks_fingerprint(DescriptorConfig())
+    with Catalog(tmp_path / "catalog.db") as catalog:
+        catalog.scan(library)
+        ids = catalog.feature_ids(fp)
+        catalog._db.execute("UPDATE features SET fingerprint = 'blocks:an-older-version'")   # as an old release left it
+        assert catalog.feature_ids(fp) == {}
+        report = catalog.scan(library)
+        assert catalog.feature_ids(fp) == ids and not report.added and not report.updated
+        assert catalog._stale_features() == set()
+    with Catalog(tmp_path / "bare.db", features=None) as catalog:   # no hook: nothing is ever stale
+        catalog.scan(library)
+        assert catalog._stale_features() == set()
+
+
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_an_older_catalog_opens_and_is_migrated(tmp_path, library, version):
     """A catalog written before features existed (schema 1: no features tables), before text vectors (schema 2) or

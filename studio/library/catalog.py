@@ -518,9 +518,10 @@ class Catalog:
                     self._repair_duplicates(row["tensor_hash"])
                 report.removed.append(path)
         changed = []
+        stale = self._stale_features()
         for path in files:
             try:
-                if self._unchanged(path, known.get(str(path))):
+                if str(path) not in stale and self._unchanged(path, known.get(str(path))):
                     report.unchanged += 1
                 else:
                     changed.append(path)
@@ -535,6 +536,18 @@ class Catalog:
             results.close()
         report.seconds = time.monotonic() - started
         return report
+
+    def _stale_features(self) -> set[str]:
+        """Paths of files whose stored features were made by another version of the features hook (its
+        ``fingerprint()``, when it has one): a scan reads them again once, so that indexing does not read them
+        every time after an upgrade."""
+        hook = _features_hook(self.features_hook) if self.features_hook else None
+        current = getattr(hook, "fingerprint", None)
+        if current is None:
+            return set()
+        rows = self._db.execute("SELECT loras.path FROM loras JOIN features ON features.lora_id = loras.id "
+                                "WHERE features.fingerprint != ?", (current(),))
+        return {r[0] for r in rows}
 
     @staticmethod
     def _unchanged(path: Path, row: sqlite3.Row | None) -> bool:
