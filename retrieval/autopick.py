@@ -6,7 +6,9 @@
 2. Every LoRA has a category: from its tags (or description) when they name one, else from a nearest-neighbour
    classifier on the weight descriptor over the LoRAs whose category is known, else "other".
 3. Candidates are taken best first; one under `threshold` ends the pick (nothing is picked when nothing fits),
-   and each category has a cap (one character, one style, one background, ...).
+   and each category has a cap (one character, one style, one background, ...). A candidate whose matched words
+   a better pick of the same phrase matched too is explained away: in "a striped beach toy" the ball LoRA (its
+   metadata names a striped beach toy) takes "striped", and the stripes style is not picked for it.
 4. Each `Pick` says why: its score, the phrase and words that matched, and the score per channel.
 
 `insert_triggers` then puts each pick's trigger word into the prompt (before the words it matched, or in front).
@@ -214,11 +216,16 @@ def autopick(prompt: str, library, k: int = 3, family: str | Sequence[str] | Non
         phrase = p.phrase.lower()
         return p.category == q.category and phrase == q.phrase.lower() and (len(queries) == 1 or phrase != whole)
 
+    def explained(p: Pick, q: Pick) -> bool:   # every word p matched, a better pick of the same phrase matched too
+        words_p = {w.lower() for w in p.matched_words}
+        return bool(words_p) and p.phrase.lower() == q.phrase.lower() \
+            and words_p <= {w.lower() for w in q.matched_words}
+
     for p in sorted(best.values(), key=lambda p: (-p.score, p.name)):
         if len(picks) >= k or p.score < threshold:
             break
         cap = caps.get(p.category, caps.get("other", 1))
-        if used[p.category] >= cap or any(same_concept(p, q) for q in picks):
+        if used[p.category] >= cap or any(same_concept(p, q) or explained(p, q) for q in picks):
             continue
         used[p.category] += 1
         picks.append(p)

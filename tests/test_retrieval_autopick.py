@@ -73,6 +73,16 @@ def test_every_pick_is_explained(lib):
     assert picks[0].to_dict()["name"] == picks[0].name
 
 
+def test_a_word_a_better_pick_explains_picks_nothing_more(lib):
+    """"striped" describes the beach toy the ball LoRA's metadata names: the stripes style matched only that word
+    of that phrase, so it is explained away however low the threshold; a striped ghost still gets the style."""
+    index, _, _ = lib
+    loose = autopick("a golden metal item for opening locks beside a striped beach toy", index, k=4,
+                     family="tinyworld", threshold=0.0)
+    assert "stripes" not in {concept(p) for p in loose} and {"key", "ball"} <= {concept(p) for p in loose}
+    assert "stripes" in {concept(p) for p in autopick("a floating ghost, striped", index, k=3, family="tinyworld")}
+
+
 def test_trigger_word_in_the_prompt_picks_its_lora(lib):
     index, _, _ = lib
     picks = autopick("a kronix-free glimmet on a plain floor", index, k=3, family="tinyworld")
