@@ -125,6 +125,16 @@ SECOND_PROMPTS = {
 SECOND_NOTHING_FITS = [
     "a sailing yacht on a lake", "a plate of spaghetti", "a city bus in traffic", "a grand piano on a stage",
     "a giraffe on the savanna", "a cheeseburger with fries", "a helicopter over a harbour", "a smartphone screen"]
+def direct_prompts() -> dict[str, list[tuple[str, str]]]:
+    """Prompts in the words people type when they know a LoRA (its trigger word, the concept's plain noun), alone
+    and among scene words that other LoRAs' metadata also has: what BM25 is for, and where it misleads."""
+    return {"trigger": [(f"a picture with {c.trigger} in it", c.name) for c in CONCEPTS],
+            "noun": [(f"a picture of something {c.noun}" if c.category == "style" else f"a picture with a {c.noun}",
+                      c.name) for c in CONCEPTS],
+            "trigger_in_a_scene": [(f"{c.trigger} on a plain background, red circle, centred", c.name)
+                                   for c in CONCEPTS]}
+
+
 SPLITS = 8   # weights-only (neighbour transfer) is also scored over this many splits (seeds 0..SPLITS-1): its spread
 DRAWS = 4    # ... and fused and weights-only over this many draws of the descriptor's fixed random projections
 
@@ -301,6 +311,8 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
             out["fused_misses"] = [{"prompt": p, "concept": c, "top3": [names.get(i) for i in order[:3]]}
                                    for (p, c), order, rel in zip(queries, ranked, relevant)
                                    if not any(i in rel for i in order[:3])]
+    # prompts that name the LoRA's own words (no paraphrase)
+    out["direct_prompts"] = {k: ranked_metrics(plain, qs, concepts, "fused")[0] for k, qs in direct_prompts().items()}
     # the second prompt set, and both together
     second = [(p, c) for c in sorted(set(concepts.values())) for p in SECOND_PROMPTS[c]]
     for key, mode in (("fused", "fused"), ("metadata_only", "metadata")):

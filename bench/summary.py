@@ -129,6 +129,12 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
     if spread:
         add("Retrieval", f"same, mean over {spread['splits']} random splits (min {spread['r3_min']}, max "
             f"{spread['r3_max']})", spread["r3_mean"], "(context)", None)
+    for key, label in (("trigger", "the trigger word"), ("noun", "the concept's noun"),
+                       ("trigger_in_a_scene", "the trigger word among scene words")):
+        d = quality.get("direct_prompts", {}).get(key)
+        if d:
+            add("Retrieval", f"fused R@1 / R@3, prompts naming {label} ({d['n_queries']})", f"{d['r1']} / {d['r3']}",
+                "(context)", None)
     draws = quality.get("projection_draws", {})
     if draws:
         n = len(draws["draws"])
