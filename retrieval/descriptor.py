@@ -12,11 +12,12 @@ coordinates:
   Gram matrices (upper triangles): they survive a change of the random ``A`` that LoRA training starts from;
 - the normalised spectrum ``S/‖S‖`` and the module's log-norm relative to the LoRA's other modules.
 
-Stored after those (not part of the descriptor vector): the output-side factor ``R_c·U_k·S_k/‖S‖`` of a wider
-fixed projection R_c (`content_sketch` rows), sign-fixed per column. ``L·Lᵀ`` is the output Gram sketched at
-that width, from which `retrieval.neighbours` places a LoRA among the library's (its weights-only channel): at
-32 rows instead of 8 that channel finds more LoRAs (`bench/retrieval.py`, ``weights_only_unseen``), and the
-factor costs 32·k values per module where the Gram's upper triangle would cost 528.
+Stored after those (not part of the descriptor vector): the output-side factor ``L = R_c·U_k·S_k/‖S‖`` of a
+wider fixed projection R_c (`content_sketch` rows, orthonormal: `content_projection`), sign-fixed per column.
+``L·Lᵀ`` is the output Gram at that width, from which `retrieval.neighbours` places a LoRA among the library's (its
+weights-only channel): at 32 rows instead of 8 that channel finds more LoRAs (`bench/retrieval.py`,
+``weights_only_unseen``), and the factor costs 32·k values per module where the Gram's upper triangle would cost
+528.
 
 Every block is normalised on its own (so α, learning rate and rank do not matter), modules are laid out in a
 fixed order per base family (missing modules are zeros), and PCA (fitted on the library) reduces the whole to

@@ -155,7 +155,8 @@ class LibraryIndex:
         self.members: dict[str, set[int]] = {}
         self.calibration: dict[str, float] = {}
         self.lexical = LexicalIndex()
-        self._content: dict[int, tuple] = {}   # id -> (attention names, content factors, init print): until neighbours are built
+        # id -> (attention names, content factors, init print): until the neighbours channel is built
+        self._content: dict[int, tuple] = {}
         self.neighbour_sources: dict[int, list[int]] = {}   # id -> the LoRAs whose metadata its neighbours vector took
         self._forget_derived()
         self._reset_vectors()

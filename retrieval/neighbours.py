@@ -16,9 +16,9 @@ the concept in collision noise (R@3 below 0.45 at 256 values, as against 0.79).
 Measured on TinyWorld (`bench/retrieval.py`, "weights_only_unseen"): LoRAs of a concept the metadata of other
 LoRAs describes, ranked weights-only against prompts in other words, R@3 0.25 with the learned encoder
 (`retrieval.encoder`), and far higher by neighbour transfer. The Gram at 32 rows instead of the descriptor's 8
-raised the mean R@3 over 8 random splits from 0.738 to 0.769 (0.651 to 0.671 on the second prompt set), and
-from 0.712 to 0.774 averaged over the 8-row sketch's other random draws: the 8-row figure swung with the draw
-(0.69-0.74), the 32-row one far less.
+raised the mean R@3 over 8 random splits from 0.738 to 0.769 (0.651 to 0.671 on the second prompt set) with the
+committed projections; averaged over 4 draws of the projections, from 0.71 (draws 0.69-0.74, measured by swapping
+the 8-row projection by hand) to 0.78 (0.75-0.80, "projection_draws" in the benchmark's JSON).
 """
 from __future__ import annotations
 
