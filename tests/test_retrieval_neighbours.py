@@ -79,6 +79,24 @@ def test_content_space_built_in_chunks_equals_the_explicit_one():
     assert fitted_on_half.shape == explicit.shape and np.isfinite(fitted_on_half).all()
 
 
+def test_content_rows_of_a_large_layout_keep_an_even_spread_of_modules():
+    """SDXL-sized layouts (hundreds of attention modules) use at most `max_modules` of them, the same ones for every
+    LoRA, spread over the sorted layout; a LoRA with none of them gets a zero row."""
+    cfg = DescriptorConfig()
+    rng = np.random.default_rng(0)
+    names = [f"unet.block{i:03d}.attn1.to_q" for i in range(40)]
+    items = [(names, rng.standard_normal((40, cfg.content_width)).astype(np.float16)),
+             (names[::2], rng.standard_normal((20, cfg.content_width)).astype(np.float16)),
+             (names[1:2], rng.standard_normal((1, cfg.content_width)).astype(np.float16))]
+    rows = ContentRows(items, cfg, max_modules=10)
+    assert len(rows.names) == 10 and rows.names[0] == names[0] and rows.names[-1] == names[-1]
+    X = rows.rows(range(3))
+    assert X.shape == (3, 10 * rows.w) and np.allclose(np.linalg.norm(X[:2], axis=1), 1.0, atol=1e-4)
+    assert not X[2].any()                                          # its only module is not in the layout
+    full = ContentRows(items[:1], cfg, max_modules=10).rows([0])
+    assert np.allclose(full, X[:1], atol=1e-5)                     # same union of names, same chosen modules
+
+
 def test_the_content_factor_keeps_the_output_gram_and_ignores_svd_signs():
     from retrieval.descriptor import ModuleSVD, content_projection, module_block
 
