@@ -11,7 +11,9 @@
    that part's metadata to transfer. Fused (as the studio runs it: no encoder; and with the encoder) and
    metadata-only retrieval rank the whole library. R@1, R@3
    and MRR (a hit is any LoRA of the described concept). Auto-pick is scored too: the top pick's concept on
-   those prompts, and prompts about nothing in the library, which must pick nothing.
+   those prompts, and prompts about nothing in the library, which must pick nothing. Also: prompts that do name
+   a LoRA's trigger word or noun (`direct_prompts`), and fused and weights-only again over DRAWS seeds of the
+   descriptor's random projections (`projection_draws`: how much a figure owes to one draw).
 2. Scale. N synthetic clustered vectors (d=128) in `VectorIndex` (IVF with fp16 codes above its threshold, nprobe tuned):
    single-query latency on one thread, recall@10 against exact search.
 3. Files. N synthetic TinyWorld LoRA files (all 128 attention modules, rank 4, fp16, metadata + sidecar):
