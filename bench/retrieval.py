@@ -331,15 +331,15 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
         out[key] = {**ranked_metrics(idx, queries, concepts, mode, pool)[0], "pool": len(pool)}
     # the same over SPLITS random splits (no encoder to train for it): how much the one split's figure is luck
     has_meta = {e.id: Metadata.of(e).has_text for e in entries}
-    spread = []
-    for seed in range(SPLITS):
-        tr, un = split_loras(concepts, has_meta, seed)
-        plain.build_neighbours(sources=tr)
-        spread.append(ranked_metrics(plain, queries, concepts, "weights", un)[0]["r3"])
+    spread, spread2 = split_spread(plain, (queries, second), concepts, has_meta)
     out["weights_only_unseen_splits"] = {"r3_mean": round(float(np.mean(spread)), 4), "r3_min": min(spread),
                                          "r3_max": max(spread), "r3": spread, "splits": SPLITS}
     plain.build_neighbours()   # back to the studio's own: every LoRA with metadata is a source
-    out["projection_draws"] = projection_draws(libraries, entries, text, work, queries, second, concepts, has_meta)
+    studio_draw = {"seed": 0, "fused_r3": out["fused"]["r3"], "fused_r3_second": out["second_prompts"]["fused"]["r3"],
+                   "weights_only_r3_mean": round(float(np.mean(spread)), 4),
+                   "weights_only_r3_mean_second": round(float(np.mean(spread2)), 4)}
+    out["projection_draws"] = projection_draws(studio_draw, libraries, entries, text, work, queries, second,
+                                               concepts, has_meta)
     # auto-pick (as the studio runs it, without an encoder): the top pick on concept prompts, and nothing on prompts
     # about nothing in the library
     top, empty, out["autopick_misses"] = autopick_scores(plain, queries, NOTHING_FITS, concepts)
@@ -356,16 +356,29 @@ def quality(args, work: Path) -> tuple[dict, object, object]:
     return out, text, encoder
 
 
-def projection_draws(libraries, entries, text, work: Path, queries, second, concepts: dict[int, str],
-                     has_meta: dict[int, bool]) -> dict:
+def split_spread(idx, prompt_sets, concepts: dict[int, str], has_meta: dict[int, bool]) -> list[list[float]]:
+    """Per prompt set, weights-only R@3 over the SPLITS splits (neighbours rebuilt from each split's sources; the
+    index is left on the last split's)."""
+    out = [[] for _ in prompt_sets]
+    for split in range(SPLITS):
+        tr, un = split_loras(concepts, has_meta, split)
+        idx.build_neighbours(sources=tr)
+        for r3, qs in zip(out, prompt_sets):
+            r3.append(ranked_metrics(idx, qs, concepts, "weights", un)[0]["r3"])
+    return out
+
+
+def projection_draws(studio_draw: dict, libraries, entries, text, work: Path, queries, second,
+                     concepts: dict[int, str], has_meta: dict[int, bool]) -> dict:
     """Fused R@3 (both prompt sets) and the weights-only mean R@3 over the SPLITS splits, for DRAWS seeds of the
-    descriptor's fixed random projections (seed 0 is the studio's): how much a figure owes to one draw. Each
-    draw scans the library into a catalog of its own (an index of another seed reads the files itself)."""
+    descriptor's fixed random projections: `studio_draw` (seed 0, the studio's own, scored by the caller) and
+    seeds 1.. DRAWS-1, each scanned into a catalog of its own (an index of another seed reads the files itself).
+    How much a figure owes to one draw."""
     from retrieval.descriptor import DescriptorConfig
 
     path_of = {e.id: str(e.path) for e in entries}
-    rows = []
-    for seed in range(DRAWS):
+    rows = [studio_draw]
+    for seed in range(1, DRAWS):
         draw = Catalog(work / f"draw{seed}" / "catalog.sqlite")
         for lib in libraries:
             draw.scan(lib, workers=os.cpu_count() or 1)
@@ -376,12 +389,7 @@ def projection_draws(libraries, entries, text, work: Path, queries, second, conc
         idx = LibraryIndex.open(draw, text_embedder=text, descriptor_config=DescriptorConfig(seed=seed))
         row = {"seed": seed, "fused_r3": ranked_metrics(idx, queries, c, "fused")[0]["r3"],
                "fused_r3_second": ranked_metrics(idx, second, c, "fused")[0]["r3"]}
-        spread, spread2 = [], []
-        for split in range(SPLITS):
-            tr, un = split_loras(c, meta, split)
-            idx.build_neighbours(sources=tr)
-            spread.append(ranked_metrics(idx, queries, c, "weights", un)[0]["r3"])
-            spread2.append(ranked_metrics(idx, second, c, "weights", un)[0]["r3"])
+        spread, spread2 = split_spread(idx, (queries, second), c, meta)
         row["weights_only_r3_mean"] = round(float(np.mean(spread)), 4)
         row["weights_only_r3_mean_second"] = round(float(np.mean(spread2)), 4)
         rows.append(row)

@@ -325,10 +325,12 @@ def _group_blocks(g: SVDGroup, cfg: DescriptorConfig, rel: np.ndarray) -> np.nda
     return (torch.cat(feats, dim=1) * live[:, None]).numpy()
 
 
+@lru_cache(maxsize=256)
 def content_projection(n_out: int, cfg: DescriptorConfig) -> torch.Tensor:
     """(c, n_out): the fixed projection of the content factor. Orthonormal columns when the module has at most
     c outputs (then ``L·Lᵀ`` keeps the Gram's inner products exactly, whatever the seed), else orthonormal rows
-    scaled by √(n_out/c) (a norm-preserving sketch; better conditioned than a Gaussian one)."""
+    scaled by √(n_out/c) (a norm-preserving sketch; better conditioned than a Gaussian one). Cached: a catalog
+    scan asks for it once per module shape and batch."""
     c = cfg.content_sketch
     R = random_projection(n_out, c, cfg.seed, "content")
     if n_out <= c:
