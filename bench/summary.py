@@ -71,6 +71,19 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
         ref = compose.get("alone", {}).get(n, {}).get("every_concept_alone")
         if ref is not None:
             add("Fusion", f"reference: every concept shows with its LoRA alone, {n} LoRAs' sets", ref, "(context)", None)
+    diag = _load("compose_diagnosis.json") or {}
+    every_layer = diag.get("layer_groups", {})
+    if every_layer.get("all") and every_layer.get("attention_projections"):
+        add("Fusion", "diagnosis: a LoRA alone shows its concept, all layers / attention projections only / ResNets only",
+            f"{every_layer['all']['mean']} / {every_layer['attention_projections']['mean']} / "
+            f"{every_layer.get('resnet_convs', {}).get('mean')}", "(context)", None)
+    foreign = diag.get("foreign_triggers", {})
+    if foreign:
+        add("Fusion", "diagnosis: a LoRA alone on 3 LoRAs' prompts shows its concept, as written / other triggers removed",
+            f"{foreign['as_written']['mean']} / {foreign['other_triggers_removed']['mean']}", "(context)", None)
+    for w, r in diag.get("merge_weights", {}).items():
+        add("Fusion", f"diagnosis: merge of 3 LoRAs at weight {w} each, all concepts present", r["all_present"],
+            "(context)", None)
     g3 = gated.get("3", {}).get("all_present")
     g5 = gated.get("5", {}).get("all_present")
     m5 = merge.get("5", {}).get("all_present")
