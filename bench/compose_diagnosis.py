@@ -122,6 +122,8 @@ def main(argv=None):
         result = {}   # other settings: nothing to keep
     t0 = time.time()
     seconds = result.get("seconds_per_part") or ({"subject+layers": result["seconds"]} if "seconds" in result else {})
+    if {"subject", "layers"} & set(parts):
+        seconds.pop("subject+layers", None)   # the first version's joint time of those two parts
     if "subject" in parts:
         result["subject"] = who_takes_the_subject(studio, judge, make_sets(2, args.n_sets), args, t0)
         seconds["subject"] = round(time.time() - t0, 1)
