@@ -71,6 +71,11 @@ def make_sets(n: int, n_sets: int, available: set[str] | None = None) -> list[di
     return sets
 
 
+def set_seed(n: int, k: int, j: int = 0) -> int:
+    """The fixed seed of image `j` of set `k` of N = `n` LoRAs."""
+    return 10000 * n + 10 * k + j
+
+
 def judge_set(judge, images, the_set) -> list[dict]:
     from fusion.cmlora import hf_share
 
@@ -117,7 +122,7 @@ def run_method(studio, judge, method: str, n: int, sets: list[dict], args, sampl
         refs = plan_loras(s)
         if method == "blockwise":
             refs = [LoRARef(r.name, r.weight, lbw=LBW.get(r.category), category=r.category) for r in refs]
-        seeds = [10000 * n + 10 * s["k"] + j for j in range(args.images)]
+        seeds = [set_seed(n, s["k"], j) for j in range(args.images)]
         before = studio._runtime.unet_rows if studio._runtime is not None else 0
         t0 = time.perf_counter()
         out = studio.generate_many([s["prompt"]] * len(seeds), seeds, steps=args.steps, cfg=args.cfg, loras=refs,
@@ -139,7 +144,7 @@ def alone_reference(studio, judge, n: int, sets: list[dict], args) -> dict:
     hits: dict[str, list[bool]] = {}
     every = []
     for s in sets:
-        seeds = [10000 * n + 10 * s["k"] + j for j in range(args.images)]
+        seeds = [set_seed(n, s["k"], j) for j in range(args.images)]
         shown = np.ones(len(seeds), dtype=bool)
         for ref in plan_loras(s):
             out = studio.generate_many([s["prompt"]] * len(seeds), seeds, steps=args.steps, cfg=args.cfg,

@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.compose import judge_set, make_sets, plan_loras  # noqa: E402
+from bench.compose import judge_set, make_sets, plan_loras, set_seed  # noqa: E402
 from bench.machine import machine  # noqa: E402
 
 BASE_SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
@@ -152,7 +152,7 @@ def who_takes_the_subject(studio, judge, sets, args, t0) -> dict:
     """1: per N = 2 set, the character alone, the other LoRA alone, and both merged: what happened to the subject."""
     outcome, rows = Counter(), []
     for s in sets:
-        seed = 20000 + 10 * s["k"]  # bench/compose.py's seed of set k at N = 2
+        seed = set_seed(2, s["k"])
         refs = plan_loras(s)
         char = next(r for r in refs if r.category == "character")
         other = next(r for r in refs if r.category != "character")
@@ -194,7 +194,7 @@ def where_concepts_live(studio, judge, sets, args, t0) -> dict:
     for group, pattern in LAYER_GROUPS.items():
         hits: dict[str, list[bool]] = {}
         for s in sets:
-            seed = 20000 + 10 * s["k"]
+            seed = set_seed(2, s["k"])
             for ref in plan_loras(s):
                 image = run_with_schedule(studio, s["prompt"], seed, LayerGroup([ref], pattern), [ref.name], args)
                 hits.setdefault(ref.category, []).append(judge_set(judge, [image], s)[0]["hits"][ref.category])
@@ -207,7 +207,7 @@ def foreign_triggers(studio, judge, sets, args, t0) -> dict:
     """3: each LoRA of the N = 3 sets alone, on the set's prompt as written and without the other trigger words."""
     hits: dict[str, dict[str, list[bool]]] = {"as_written": {}, "other_triggers_removed": {}}
     for s in sets:
-        seed = 30000 + 10 * s["k"]  # bench/compose.py's seed of set k at N = 3
+        seed = set_seed(3, s["k"])
         refs = plan_loras(s)
         for ref in refs:
             others = [w for o in refs if o.name != ref.name for w in studio.catalog.get(o.name).trigger_words]
@@ -229,7 +229,7 @@ def merge_weights(studio, judge, sets, args, t0) -> dict:
         rows = []
         for s in sets:
             refs = [LoRARef(r.name, w, category=r.category) for r in plan_loras(s)]
-            image = studio.generate_many([s["prompt"]], [30000 + 10 * s["k"]], steps=args.steps, cfg=args.cfg,
+            image = studio.generate_many([s["prompt"]], [set_seed(3, s["k"])], steps=args.steps, cfg=args.cfg,
                                          loras=refs, method="merge", progress=False)[0].image
             rows += judge_set(judge, [image], s)
         hits: dict[str, list[bool]] = {}
