@@ -12,6 +12,7 @@ import argparse
 import json
 import random
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ def main(argv=None):
     report = {}
     chosen = [c for c in CONCEPTS if args.concepts is None or c.name in args.concepts.split(",")]
     for concept in chosen:
-        rng = random.Random(hash(concept.name) % 10_000)
+        rng = random.Random(zlib.crc32(concept.name.encode()))   # str hash() changes per process: not a seed
         comps = [with_concept(sample_base(rng), concept.name) for _ in range(args.n)]
         prompts = [caption(c, rng) for c in comps]
         seeds = [5000 + i for i in range(args.n)]

@@ -139,7 +139,9 @@ class LoRAJob:
     # kohya's --noise_offset. The committed headline LoRAs were trained at 0.1 on the base's first stage (before its
     # offset-0.3 fine-tune); judged before the judge learned VAE round trips, they scored mean concept 0.64 on the
     # fine-tuned base and a retrain on it at 0.3 scored 0.53 (clothing 0.25 vs 0.49): they were kept, and 0.1 stays
-    # the default. (With today's judge they score 0.754: bench/results/single_lora.json.)
+    # the default. (With today's judge they score 0.731: bench/results/single_lora.json.) Longer training does not
+    # help: six of the weakest retrained 900 steps instead of 300 lost their base attributes (base_rate 0.38-0.73)
+    # and most gained no concept (starfield 0.95, scarf 0.05).
     noise_offset: float = 0.1
     uncond_share: float = 0.6   # share of the base-only renders captioned "" (keeps the LoRA out of CFG's uncond)
     extra: dict = field(default_factory=dict)
