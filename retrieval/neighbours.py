@@ -24,6 +24,7 @@ the 8-row projection by hand) to 0.78 (0.75-0.80, "projection_draws" in the benc
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -45,13 +46,20 @@ def attention_factors(names: Sequence[str], blocks: np.ndarray, cfg: DescriptorC
     if not cfg.content_sketch:
         raise ValueError("the neighbours channel needs descriptor blocks stored with a content factor "
                          "(DescriptorConfig.content_sketch > 0)")
-    rows = [k for k, n in enumerate(names) if attention_part(n) is not None]
+    rows = _attention_rows(tuple(names))
     blocks = np.asarray(blocks)
     if rows and blocks.shape[1] < cfg.stored_block:
         raise ValueError(f"stored blocks are {blocks.shape[1]} wide, not {cfg.stored_block}: made with another "
                          "descriptor configuration")
     factors = blocks[rows][:, cfg.block:cfg.stored_block] if rows else np.zeros((0, cfg.content_width))
     return [names[k] for k in rows], factors.astype(np.float16)
+
+
+@lru_cache(maxsize=256)
+def _attention_rows(names: tuple[str, ...]) -> list[int]:
+    """Positions of the UNet attention projections in a module list (memoised: LoRAs of a library share a few
+    layouts, and matching 10 000 × 128 names one by one took seconds)."""
+    return [k for k, n in enumerate(names) if attention_part(n) is not None]
 
 
 class ContentRows:

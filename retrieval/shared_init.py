@@ -130,9 +130,12 @@ def _hashed(owners: list[tuple[int, str]], rows: list[np.ndarray], n: int, seed:
     if owners:
         sketches = np.concatenate(rows)
         width = sketches.shape[1]
-        hashing = [_hashing(name, width, INIT_DIM, seed) for _, name in owners]
-        index = np.stack([h[0] for h in hashing]) + INIT_DIM * np.array([li for li, _ in owners])[:, None]
-        signed = sketches * np.stack([h[1] for h in hashing])
+        ids: dict[str, int] = {}
+        which = np.array([ids.setdefault(name, len(ids)) for _, name in owners])   # few distinct names, many owners
+        tables = [_hashing(name, width, INIT_DIM, seed) for name in ids]
+        buckets, signs = np.stack([t[0] for t in tables]), np.stack([t[1] for t in tables])
+        index = buckets[which] + INIT_DIM * np.array([li for li, _ in owners])[:, None]
+        signed = sketches * signs[which]
         out = np.bincount(index.ravel(), weights=signed.ravel(), minlength=n * INIT_DIM).reshape(n, INIT_DIM)
     norm = np.linalg.norm(out, axis=1, keepdims=True)
     return (out / np.where(norm > 1e-12, norm, 1.0)).astype(np.float32)

@@ -87,6 +87,7 @@ def resize_file(path: Path, fro: float) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["headline", "community", "style_content"], default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast; the same data draws as on the CPU)")
     args = ap.parse_args(argv)
     gangs = [(steps, [j for j in jobs if args.only in (None, j.extra["kind"])]) for steps, jobs in plan()]
     labels = json.loads(LABELS.read_text()) if LABELS.exists() else {}
@@ -102,7 +103,7 @@ def main(argv=None):
         if todo:   # community and style variants: half the batch; their weights matter (retrieval, clustering)
             headline = todo[0].extra["kind"] == "headline"   # variants: plain attention LoRAs (smaller files)
             train_loras(todo, steps=steps, batch_per_lora=8 if headline else 4,
-                        network="locon" if headline else "attention")
+                        network="locon" if headline else "attention", device=args.device)
             if headline:
                 for j in todo:
                     resize_file(Path(j.out), HEADLINE_RESIZE_FRO)

@@ -29,12 +29,14 @@ from .train_vae import to_tensor
 
 
 def encode_latents(vae, imgs: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, std) float16 of the VAE's latent distribution per image, computed on the VAE's device."""
+    device = next(vae.parameters()).device
     means, stds = [], []
     with torch.no_grad():
         for i in tqdm(range(0, len(imgs), batch), desc="encode latents", leave=False):
-            dist = vae.encode(to_tensor(imgs[i: i + batch])).latent_dist
-            means.append(dist.mean.numpy())
-            stds.append(dist.std.numpy())
+            dist = vae.encode(to_tensor(imgs[i: i + batch]).to(device)).latent_dist
+            means.append(dist.mean.cpu().numpy())
+            stds.append(dist.std.cpu().numpy())
     return np.concatenate(means).astype(np.float16), np.concatenate(stds).astype(np.float16)
 
 
@@ -89,7 +91,7 @@ def main(argv=None):
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = build_clip_tokenizer(work / "tokenizer")
-    vae = AutoencoderKL.from_pretrained(args.vae).eval()
+    vae = AutoencoderKL.from_pretrained(args.vae).eval().to(args.device)   # encodes the training set
     scale = vae.config.scaling_factor
 
     def make_set():
@@ -107,6 +109,7 @@ def main(argv=None):
         (work / "earlier_stages.json").write_text(json.dumps(earlier, indent=2))
 
     data = cached(work / "latents.npz", make_set)
+    vae.to("cpu")   # exported with the pipeline, from the CPU like the UNet and text encoder
     comps = comps_from_arrays(data)
     mean = torch.from_numpy(data["mean"].astype(np.float32))
     std = torch.from_numpy(data["std"].astype(np.float32))

@@ -265,7 +265,8 @@ def gang_member(wrapped: dict[str, GangLoRALinear], k: int, alpha: float, family
             down, up, kind = g.down[k], g.up[k], "locon"
         else:
             down, up, kind = g.down[k].T, g.up[k].T, "lora"
-        return ModuleLoRA(kind, {"down": down.detach().to(dtype).contiguous(), "up": up.detach().to(dtype).contiguous()},
+        return ModuleLoRA(kind, {"down": down.detach().cpu().to(dtype).contiguous(),
+                                 "up": up.detach().cpu().to(dtype).contiguous()},
                           alpha=float(alpha))
 
     modules = {f"unet.{path}": pair(g) for path, g in wrapped.items()}
@@ -275,8 +276,10 @@ def gang_member(wrapped: dict[str, GangLoRALinear], k: int, alpha: float, family
 
 def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, lr: float = 8e-3,
                 model: str | Path = TINYWORLD, threads: int = 2, text_encoder_lr: float | None = 0.5,
-                network: str = "locon", save_dtype: torch.dtype = torch.float16) -> list[str]:
-    """Train `jobs` (same rank) jointly for `steps` steps; write each file; return the written paths."""
+                network: str = "locon", save_dtype: torch.dtype = torch.float16, device: str = "cpu") -> list[str]:
+    """Train `jobs` (same rank) jointly for `steps` steps; write each file; return the written paths. On
+    ``device="cuda"`` the VAE encodes and the UNet and text encoder train there under bf16 autocast; data, noise
+    and timesteps still come from each LoRA's CPU generators (the same draws as on the CPU)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -287,7 +290,8 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
         raise ValueError(f"a gang trains LoRAs of one rank; got ranks {sorted(ranks)}")
     torch.set_num_threads(threads)
     n = len(jobs)
-    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).eval()
+    device = torch.device(device)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=torch.float32).eval().to(device)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32)
     te = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=torch.float32).eval()
     tok = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
@@ -300,6 +304,8 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
     if text_encoder_lr:   # a text-encoder LoRA too, at text_encoder_lr × lr (kohya trains both by default)
         text = attach_text_gang(te, rank, [j.scale for j in jobs], [j.seed for j in jobs])
         groups.append({"params": [p for g in text.values() for p in (g.down, g.up)], "lr_scale": text_encoder_lr})
+    unet.to(device)   # the gang wrappers' parameters move with it (same Parameter objects)
+    te.to(device)
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
     data = []
@@ -334,11 +340,14 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
         z, noise, t = torch.cat(zs), torch.cat(noises), torch.cat(ts)
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
-        with torch.set_grad_enabled(bool(text)):
-            cond = te(ids)[0]
-        pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
+        zt = noise_sched.add_noise(z, noise, t)
         w = torch.clamp(snr[t], max=5.0) / snr[t]
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w
+        zt, noise, t, w, ids = (x.to(device) for x in (zt, noise, t, w, ids))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.set_grad_enabled(bool(text)):
+                cond = te(ids)[0]
+            pred = unet(zt, t, cond).sample
+        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * w
         loss = per_sample.view(n, batch_per_lora).mean(dim=1).sum()   # each LoRA: the mean over its own chunk
         step_lr = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
@@ -386,13 +395,14 @@ def main(argv=None):
     ap.add_argument("--format", choices=["kohya", "diffusers"], default="kohya")
     ap.add_argument("--bare", action="store_true", help="no metadata and no sidecar")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
     args = ap.parse_args(argv)
     outs = ([args.out] if len(args.concept) == 1 and args.out.endswith(".safetensors")
             else [str(Path(args.out) / f"{c}.safetensors") for c in args.concept])
     jobs = [LoRAJob(c, o, rank=args.rank, alpha=args.alpha, seed=args.seed, format=args.format, bare=args.bare,
                     n_images=args.n_images, base_share=args.base_share) for c, o in zip(args.concept, outs)]
     train_loras(jobs, steps=args.steps, batch_per_lora=args.batch, lr=args.lr, model=args.model,
-                threads=args.threads)
+                threads=args.threads, device=args.device)
 
 
 if __name__ == "__main__":
