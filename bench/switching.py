@@ -1,6 +1,6 @@
 """Switching cost: change the active LoRA set with 1, 10 or 100 LoRAs loaded, against diffusers, in one run.
 
-    python bench/switching.py                 # writes bench/results/switching.json
+    python bench/switching.py                 # writes bench/results/switching.json (switching_gpu.json on CUDA)
 
 An SD1.5-shaped UNet (random weights, the shipped SD1.5 config) and 100 random rank-16 LoRAs on every attention
 projection (kohya-style coverage of to_q/k/v/out.0). Each switch activates a new set of 3 LoRAs (1 when only 1
@@ -87,9 +87,11 @@ def main(argv=None):
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--switches", type=int, default=8)
     ap.add_argument("--latent", type=int, default=None)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "switching.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/switching.json on the CPU, "
+                    "switching_gpu.json on CUDA (both are kept)")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
+    args.out = args.out or str(ROOT / "bench" / "results" / ("switching_gpu.json" if cuda else "switching.json"))
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.float16 if cuda else torch.float32
     latent = args.latent or (64 if cuda else 8)
