@@ -114,18 +114,6 @@ def infer_categories(library, k: int = 5, min_labelled: int = 3) -> dict[int, tu
     return out
 
 
-def _triggers(library) -> dict[str, list[int]]:
-    """Lower-cased first trigger word -> ids of the LoRAs it is the first trigger word of (cached)."""
-    found = getattr(library, "_trigger_map", None)
-    if found is None:  # LibraryIndex resets it whenever its entries change
-        found = {}
-        for i, e in library.entries.items():
-            if e.trigger and len(e.trigger) >= 3:
-                found.setdefault(e.trigger.lower(), []).append(i)
-        library._trigger_map = found
-    return found
-
-
 def categories(library) -> dict[int, tuple[str, str]]:
     """Cached `infer_categories` of a `LibraryIndex` (recomputed after it changes)."""
     if getattr(library, "_categories", None) is None:
@@ -170,25 +158,13 @@ def autopick(prompt: str, library, k: int = 3, family: str | Sequence[str] | Non
     fams = library.families(family)
     best: dict[int, Pick] = {}
 
-    # 1. a trigger word written in the prompt picks its LoRA outright: only a word that is mostly some LoRA's
-    #    *first* trigger word (kohya's top training tags also count as trigger words, and "background" must
-    #    not pick every LoRA)
-    by_trigger = _triggers(library)
-    tokens = set(re.findall(r"[\w-]+", prompt.lower()))
-    for trig_l, ids in by_trigger.items():
-        if not (trig_l in tokens if " " not in trig_l else _contains_word(prompt, trig_l)):
-            continue
-        df = max((library.lexical.df(s) for s in {stem(w) for w in words(trig_l)}), default=0)
-        if len(ids) < 0.5 * df:
-            continue
-        for i in ids:
-            e = library.entries[i]
-            if e.family not in fams:
-                continue
-            trig = e.trigger
-            cat = cats.get(i, ("other", "none"))[0]
-            best[i] = Pick(e.name, cat, 1.0, [trig], trig, f"the prompt names its trigger word '{trig}'", trig,
-                           {"trigger": 1.0}, i)
+    # 1. a trigger word written in the prompt picks its LoRA outright (`LibraryIndex.named`)
+    for i in library.named(prompt, fams):
+        e = library.entries[i]
+        trig = e.trigger
+        cat = cats.get(i, ("other", "none"))[0]
+        best[i] = Pick(e.name, cat, 1.0, [trig], trig, f"the prompt names its trigger word '{trig}'", trig,
+                       {"trigger": 1.0}, i)
 
     # 2. whole prompt and each phrase
     phrases = split_phrases(prompt) if per_phrase else []

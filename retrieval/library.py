@@ -30,6 +30,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -428,6 +429,27 @@ class LibraryIndex:
         vector came from."""
         return [self.entries[i].name for i in self.neighbour_sources.get(id_, [])[:n] if i in self.entries]
 
+    def named(self, prompt: str, family: str | Sequence[str] | None = None) -> list[int]:
+        """Ids of the LoRAs whose first trigger word `prompt` writes (as a whole word or phrase), of these families.
+        Only a word that is mostly some LoRA's *first* trigger word counts: kohya's top training tags also count as
+        trigger words, and "background" in a prompt must not name every LoRA whose tags have it."""
+        if self._trigger_map is None:
+            self._trigger_map = {}
+            for i, e in self.entries.items():
+                if e.trigger and len(e.trigger) >= 3:
+                    self._trigger_map.setdefault(e.trigger.lower(), []).append(i)
+        fams = set(self.families(family))
+        tokens = set(re.findall(r"[\w-]+", prompt.lower()))
+        out = []
+        for trig, ids in self._trigger_map.items():
+            if not (trig in tokens if " " not in trig else
+                    re.search(rf"(?<![\w-]){re.escape(trig)}(?![\w-])", prompt, re.IGNORECASE)):
+                continue
+            df = max((self.lexical.df(s) for s in stems(trig)), default=0)
+            if len(ids) >= 0.5 * df:
+                out += [i for i in ids if self.entries[i].family in fams]
+        return out
+
     def _forget_derived(self) -> None:
         """Drop what is derived from the indexed set (categories, trigger map, score baselines) after a change."""
         self._categories = self._trigger_map = None
@@ -513,7 +535,8 @@ class LibraryIndex:
     def search(self, prompt: str, k: int = 10, family: str | Sequence[str] | None = None, mode: str = "fused",
                depth: int | None = None) -> list[Hit]:
         """LoRAs for a prompt, best first. `mode`: fused, metadata, weights (neighbour transfer, else the encoder),
-        encoder, meta, lexical or joint."""
+        encoder, meta, lexical or joint. In fused and metadata modes a LoRA whose trigger word the prompt writes
+        (`named`) ranks before the others, as it does in auto-pick."""
         return self.search_many([prompt], k, family, mode, depth)[0]
 
     def search_many(self, prompts: Sequence[str], k: int = 10, family: str | Sequence[str] | None = None,
@@ -539,6 +562,10 @@ class LibraryIndex:
                 for d, i in zip(D[qi][valid], I[qi][valid]):
                     raw.setdefault(int(i), {})[ch] = float(d)
                 floors[ch] = float(D[qi][valid].min()) if valid.any() else 0.0
+            # a LoRA whose trigger word the prompt writes comes first (modes that read metadata; see `named`)
+            named = set(self.named(prompt, fams)) if len(channels) > 1 and "lexical" in channels else set()
+            for i in named:
+                raw.setdefault(i, {})
             matched: dict[int, list[str]] = {}
             lexical_live = False
             if "lexical" in channels:
@@ -571,7 +598,7 @@ class LibraryIndex:
                 hits.append(Hit(i, e.name, e.family, total / max(weight_sum, 1e-9), cal, scores,
                                 matched.get(i, []), e.trigger))
             rank_key = (lambda h: (-h.raw.get(channels[0], -1.0), h.id)) if len(channels) == 1 else \
-                (lambda h: (-h.score, h.id))
+                (lambda h: (h.id not in named, -h.score, h.id))
             hits.sort(key=rank_key)
             out.append(hits[:k])
         return out

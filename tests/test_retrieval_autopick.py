@@ -90,6 +90,14 @@ def test_trigger_word_in_the_prompt_picks_its_lora(lib):
     assert concept(top) == "glimmet" and top.score == 1.0 and "trigger word" in top.reason
     # a generic word that kohya's tag list also calls a trigger word picks nothing by itself
     assert all(p.score < 1.0 for p in autopick("a large circle", index, k=3, family="tinyworld", threshold=0.0))
+    # search ranks the same way: the LoRAs whose trigger word the prompt writes first, whatever else it says;
+    # the weights-only mode reads no metadata, so no trigger word either
+    named = set(index.named("glimmet on a plain background, red circle, centred", "tinyworld"))
+    assert named and all(index.entries[i].trigger == "glimmet" for i in named)
+    for mode in ("fused", "metadata"):
+        hits = index.search("glimmet on a plain background, red circle, centred", k=5, family="tinyworld", mode=mode)
+        assert {h.id for h in hits[:len(named)]} == named
+    assert not index.named("a large circle on a plain background", "tinyworld")
 
 
 def test_insert_triggers():
