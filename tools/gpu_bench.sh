@@ -12,11 +12,7 @@
 # The call: run(command="bash tools/gpu_bench.sh", carry=[".whl"], timeout_s=600)
 set -euo pipefail
 OUT=${OUT:-/tmp/gpu_bench_out}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/log.txt") 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+source tools/device_env.sh
 
 python3 bench/switching.py || echo "switching failed"
 cp bench/results/switching_gpu.json "$OUT/" || true

@@ -28,12 +28,7 @@
 set -euo pipefail
 MINUTES=${MINUTES:-4}
 OUT=${OUT:-/tmp/gpu_rebuild_out}
-mkdir -p "$OUT"
-exec > >(tee "$OUT/log.txt") 2>&1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+source tools/device_env.sh
 
 python3 -m studio.tinyworld.train_base --init assets/tinyworld --device cuda --work /tmp/base --threads 8 \
     --minutes "$MINUTES" --steps 1000000 --batch 256 --lr 3e-4
