@@ -14,10 +14,12 @@ set -euo pipefail
 OUT=${OUT:-/tmp/gpu_bench_out}
 source tools/device_env.sh
 
-python3 bench/switching.py || echo "switching failed"
-cp bench/results/switching_gpu.json "$OUT/" || true
-python3 bench/speed.py --device cuda || echo "speed failed"
+# each part under its own time limit (the device runs a command 10 minutes at most; speed.py saves after each LoRA set,
+# so a part stopped at its limit still leaves what it finished), most targets first
+timeout 300 python3 bench/speed.py --device cuda || echo "speed stopped or failed"
 cp bench/results/speed.json bench/results/speed.md bench/results/speed_runs.json "$OUT/" || true
-python3 bench/speed.py --device cuda --ranks 16 --n-loras 2,3,4,5 --targets attn --methods composite,cmlora \
-    --out bench/results/speed_cmlora.json || echo "speed_cmlora failed"
+timeout 150 python3 bench/switching.py || echo "switching stopped or failed"
+cp bench/results/switching_gpu.json "$OUT/" || true
+timeout 100 python3 bench/speed.py --device cuda --ranks 16 --n-loras 2,3,4,5 --targets attn \
+    --methods composite,cmlora --out bench/results/speed_cmlora.json || echo "speed_cmlora stopped or failed"
 cp bench/results/speed_cmlora.json bench/results/speed_cmlora.md bench/results/speed_cmlora_runs.json "$OUT/" || true
