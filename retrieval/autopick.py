@@ -22,7 +22,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .text import stem, words
+from .text import contains_word, stem, words
 
 CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
     "character": ("character", "characters", "person", "creature", "mascot", "oc", "girl", "boy", "man", "woman",
@@ -128,10 +128,6 @@ def split_phrases(prompt: str) -> list[str]:
     return [p for p in parts if words(p)]
 
 
-def _contains_word(text: str, word: str) -> bool:
-    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text, re.IGNORECASE) is not None
-
-
 # ----------------------------------------------------------------------------------------------- auto-pick
 def reason(hit, query: str, category: str, source: str, library) -> str:
     """Why a search hit fits a query, in words: score per channel, shared words, and for a LoRA with no metadata
@@ -217,7 +213,7 @@ def insert_triggers(prompt: str, picks: Sequence[Pick], mode: str = "inline") ->
     """
     todo, seen = [], set()
     for p in picks:
-        if p.trigger and p.trigger.lower() not in seen and not _contains_word(prompt, p.trigger):
+        if p.trigger and p.trigger.lower() not in seen and not contains_word(prompt, p.trigger):
             seen.add(p.trigger.lower())
             todo.append(p)
     front: list[str] = []

@@ -45,7 +45,7 @@ from .index import VectorIndex, atomic_write
 from .loading import read_factors
 from .neighbours import ContentRows, attention_factors, content_space, neighbour_vectors
 from .shared_init import init_fingerprints
-from .text import LexicalIndex, Metadata, TextEmbedder, stems, text_key
+from .text import LexicalIndex, Metadata, TextEmbedder, contains_word, stems, text_key
 
 log = logging.getLogger(__name__)
 
@@ -433,18 +433,20 @@ class LibraryIndex:
         """Ids of the LoRAs whose first trigger word `prompt` writes (as a whole word or phrase), of these families.
         Only a word that is mostly some LoRA's *first* trigger word counts: kohya's top training tags also count as
         trigger words, and "background" in a prompt must not name every LoRA whose tags have it."""
-        if self._trigger_map is None:
+        if self._trigger_map is None:   # first trigger word -> ids, in the order the entries name them
             self._trigger_map = {}
             for i, e in self.entries.items():
                 if e.trigger and len(e.trigger) >= 3:
                     self._trigger_map.setdefault(e.trigger.lower(), []).append(i)
+            self._trigger_phrases = [t for t in self._trigger_map if " " in t]   # matched as phrases
+            self._trigger_order = {t: k for k, t in enumerate(self._trigger_map)}
+        by_trigger = self._trigger_map
+        found = {t for t in re.findall(r"[\w-]+", prompt.lower()) if t in by_trigger}   # a look-up per word
+        found.update(t for t in self._trigger_phrases if contains_word(prompt, t))
         fams = set(self.families(family))
-        tokens = set(re.findall(r"[\w-]+", prompt.lower()))
         out = []
-        for trig, ids in self._trigger_map.items():
-            if not (trig in tokens if " " not in trig else
-                    re.search(rf"(?<![\w-]){re.escape(trig)}(?![\w-])", prompt, re.IGNORECASE)):
-                continue
+        for trig in sorted(found, key=self._trigger_order.__getitem__):
+            ids = by_trigger[trig]
             df = max((self.lexical.df(s) for s in stems(trig)), default=0)
             if len(ids) >= 0.5 * df:
                 out += [i for i in ids if self.entries[i].family in fams]

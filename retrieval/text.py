@@ -58,6 +58,11 @@ def stems(text: str) -> list[str]:
     return [stem(w) for w in words(text)]
 
 
+def contains_word(text: str, word: str) -> bool:
+    """Whether `text` holds `word` (or a phrase) whole, not inside a longer word; case-insensitive."""
+    return re.search(rf"(?<![\w-]){re.escape(word)}(?![\w-])", text, re.IGNORECASE) is not None
+
+
 # ----------------------------------------------------------------------------------------------- metadata
 @dataclass
 class Metadata:

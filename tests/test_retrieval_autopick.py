@@ -97,6 +97,9 @@ def test_trigger_word_in_the_prompt_picks_its_lora(lib):
     for mode in ("fused", "metadata"):
         hits = index.search("glimmet on a plain background, red circle, centred", k=5, family="tinyworld", mode=mode)
         assert {h.id for h in hits[:len(named)]} == named
+    weights = index.search("glimmet on a plain background, red circle, centred", k=5, family="tinyworld", mode="weights")
+    channel = next(iter(weights[0].raw))
+    assert [h.raw[channel] for h in weights] == sorted((h.raw[channel] for h in weights), reverse=True)
     assert not index.named("a large circle on a plain background", "tinyworld")
 
 
