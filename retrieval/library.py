@@ -39,6 +39,8 @@ from typing import Sequence
 
 import numpy as np
 
+from studio.gc_pause import bulk_gc_thresholds, rare_collections
+
 from .descriptor import (DescriptorConfig, WeightDescriptor, blocks_fingerprint, pack_svds, raw_blocks_many,
                          stored_blocks)
 from .index import VectorIndex, atomic_write
@@ -81,6 +83,14 @@ class IndexedEntry:
     @property
     def trigger(self) -> str | None:
         return self.meta.trigger_words[0] if self.meta.trigger_words else None
+
+
+def _entry_json(e: IndexedEntry) -> dict:
+    """`asdict(e)` for the manifest, without its deep copies (a tenth of a 10 000-LoRA rebuild's time)."""
+    m = e.meta
+    return {"id": e.id, "name": e.name, "family": e.family, "stamp": e.stamp, "path": e.path,
+            "meta": {"name": m.name, "trigger_words": m.trigger_words, "description": m.description,
+                     "tags": m.tags, "alias": m.alias}}
 
 
 @dataclass
@@ -209,7 +219,7 @@ class LibraryIndex:
             "version": VERSION, "generation": generation, "fingerprints": self.fingerprints(),
             "descriptor": self.descriptor.fingerprint(), "calibration": self.calibration,
             "neighbour_sources": {str(i): v for i, v in self.neighbour_sources.items()},
-            "entries": {str(i): {**asdict(e), "meta": asdict(e.meta)} for i, e in self.entries.items()},
+            "entries": {str(i): _entry_json(e) for i, e in self.entries.items()},
         }
         atomic_write(self.manifest_path, json.dumps(manifest).encode())
 
@@ -261,6 +271,10 @@ class LibraryIndex:
 
     def refresh(self) -> RefreshReport:
         """Bring the index up to date with the catalog: incremental when possible, else a full rebuild."""
+        with rare_collections():
+            return self._refresh()
+
+    def _refresh(self) -> RefreshReport:
         started = time.monotonic()
         why = self.load() if not self.entries else None
         if why is not None:
@@ -298,6 +312,10 @@ class LibraryIndex:
 
     def rebuild(self) -> RefreshReport:
         """Index every LoRA of the catalog from scratch (fits the descriptor's layouts and PCA)."""
+        with rare_collections():
+            return self._rebuild()
+
+    def _rebuild(self) -> RefreshReport:
         started = time.monotonic()
         report = RefreshReport(rebuilt=True)
         self._reset_vectors()
@@ -716,6 +734,7 @@ def _init_worker(args, parent_pid: int) -> None:
     torch.set_num_threads(1)
     exit_with_parent(parent_pid)
     _WORKER = _Worker(*args)
+    bulk_gc_thresholds()
 
 
 def _run_worker(entries, meta_vecs, joint) -> Features:

@@ -242,6 +242,30 @@ def test_a_big_scan_reads_files_in_worker_processes_with_the_same_result(tmp_pat
     assert multiprocessing.active_children() == []   # the pool's workers end with the scan
 
 
+def test_scan_batches_are_big_for_many_files_and_spread_for_few():
+    from studio.library.catalog import SCAN_BATCH, scan_batches
+
+    many = [Path(f"{i}.safetensors") for i in range(10_000)]
+    assert {len(b) for b in scan_batches(many, 2)} == {SCAN_BATCH, 10_000 % SCAN_BATCH}
+    few = many[:100]
+    batches = scan_batches(few, 2)
+    assert len(batches) >= 8 and [p for b in batches for p in b] == few   # every worker gets work, in order
+    assert scan_batches([], 2) == []
+
+
+def test_rare_collections_restores_the_thresholds():
+    import gc
+
+    from studio.gc_pause import BULK_THRESHOLD, rare_collections
+
+    before = gc.get_threshold()
+    with rare_collections():
+        assert gc.get_threshold()[0] == max(before[0], BULK_THRESHOLD)
+        with rare_collections():
+            pass
+    assert gc.get_threshold() == before
+
+
 def test_a_pool_scan_from_an_unguarded_script_falls_back_to_one_process(tmp_path):
     """Spawned workers re-run a script that has no `if __name__ == "__main__":` guard and die; the scan then
     reads the files itself (with a warning) and the catalog is complete."""

@@ -180,6 +180,20 @@ def test_fit_save_load_and_missing_modules(tmp_path):
     assert float(v @ desc.vector(loras[0])) > 0.5
 
 
+def test_pca_keeps_the_top_principal_axes_of_a_full_eigendecomposition():
+    """The descriptor's PCA takes only the top eigenpairs of the LoRAs' Gram matrix: the same axes (up to sign)
+    and order as all of numpy's."""
+    rng = np.random.default_rng(0)
+    X = (rng.standard_normal((40, 300)) * np.linspace(3.0, 0.1, 300)).astype(np.float32)
+    desc = WeightDescriptor(DescriptorConfig(dim=16))
+    desc._fit_pca("tinyworld", X)
+    Xc = (X - X.mean(0)).astype(np.float64)
+    _, _, Vt = np.linalg.svd(Xc, full_matrices=False)
+    comps = desc.components["tinyworld"]
+    assert comps.shape == (16, 300)
+    assert np.allclose(np.abs((comps * Vt[:16]).sum(1)), 1.0, atol=1e-4)
+
+
 def test_module_role():
     assert module_role("unet.down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k") == "unet:attn2.to_k"
     assert module_role("unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_out.0") == "unet:attn1.to_out"

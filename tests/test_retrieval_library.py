@@ -328,3 +328,15 @@ def test_text_vectors_stored_by_a_pooled_scan_are_the_ones_the_index_would_embed
     assert len(pooled.text_vectors([e.id for e in entries], text.fingerprint())) == len(entries) - 1
     pooled.close()
     local.close()
+
+
+def test_manifest_entries_are_the_dataclass_fields():
+    """The manifest writes entries without `asdict`'s deep copies: the same keys and values (a field added to
+    `IndexedEntry` or `Metadata` must be written too)."""
+    from dataclasses import asdict
+
+    from retrieval.library import IndexedEntry, _entry_json
+
+    e = IndexedEntry(3, "zorbo_v1", "tinyworld", "s", Metadata("zorbo_v1", ["zorbo"], "an alien", ["alien"], "Zorbo"),
+                     "/lib/zorbo_v1.safetensors")
+    assert _entry_json(e) == {**asdict(e), "meta": asdict(e.meta)}

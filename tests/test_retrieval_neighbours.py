@@ -79,6 +79,22 @@ def test_content_space_built_in_chunks_equals_the_explicit_one():
     assert fitted_on_half.shape == explicit.shape and np.isfinite(fitted_on_half).all()
 
 
+def test_content_rows_projected_on_threads_equal_the_rows_times_the_matrix():
+    """`ContentRows.projected` shares spans out over threads, each with its own buffers: the same numbers as one
+    thread and as the explicit rows times the matrix, in the spans' order."""
+    loras, _, _ = batch_runs(n_runs=3, n_concepts=5)
+    cfg = DescriptorConfig()
+    blocks = [stored_blocks(b, cfg) for b in raw_blocks_many(lora_svds_many(loras, cfg.top_k), cfg)]
+    rows = ContentRows([attention_factors(names, b, cfg) for names, b in blocks], cfg)
+    M = np.random.default_rng(0).standard_normal((rows.dim, 6)).astype(np.float32)
+    spans = [range(0, 4), range(4, 11), range(11, 15)]
+    explicit = rows.rows(range(len(rows))) @ M
+    one = rows.projected(spans, M, threads=1)
+    several = rows.projected(spans, M, threads=3)
+    assert np.allclose(one, explicit, atol=1e-5) and np.allclose(several, explicit, atol=1e-5)
+    assert rows.projected([], M).shape == (0, 6)
+
+
 def test_content_rows_of_a_large_layout_keep_an_even_spread_of_modules():
     """SDXL-sized layouts (hundreds of attention modules) use at most `max_modules` of them, the same ones for every
     LoRA, spread over the sorted layout; a LoRA with none of them gets a zero row."""

@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..gc_pause import rare_collections
 from . import sidecars as sc
 from .canonical import LoRA
 from .errors import LoRAFileError
@@ -256,7 +257,8 @@ def _describe(path: Path, side: sc.Sidecars, sha: str, tensor_hash: str | None) 
 
 
 POOL_MIN_FILES = 64   # below this many new or changed files a scan reads them in-process
-SCAN_BATCH = 16       # files a scan worker reads before it computes their features together (batched SVDs) ...
+SCAN_BATCH = 64       # files a scan worker reads before it computes their features and text vectors together
+#                       (batched SVDs and sentence-model batches: 10 000 files 6 % faster than 16 at a time) ...
 SCAN_BATCH_BYTES = 64 << 20   # ... or fewer, once they hold this many bytes (each LoRA holds its file's bytes)
 
 # What a scan stores per readable file besides its columns: "module:function", called in the process that read
@@ -400,8 +402,17 @@ def exit_with_parent(parent_pid: int) -> None:
 def _init_scan_worker(parent_pid: int) -> None:
     import torch
 
+    from studio.gc_pause import bulk_gc_thresholds
+
     torch.set_num_threads(1)
     exit_with_parent(parent_pid)
+    bulk_gc_thresholds()
+
+
+def scan_batches(paths: list[Path], workers: int) -> list[list[Path]]:
+    """The files in consecutive batches of `SCAN_BATCH`, smaller when there are few: at least 4 per worker."""
+    size = max(1, min(SCAN_BATCH, -(-len(paths) // (4 * max(1, workers)))))
+    return [paths[i:i + size] for i in range(0, len(paths), size)]
 
 
 def _analysed(paths: list[Path], workers: int, features: str | None = DEFAULT_FEATURES,
@@ -409,7 +420,7 @@ def _analysed(paths: list[Path], workers: int, features: str | None = DEFAULT_FE
     """analyse_files over `paths`, in order, one analysis per path: a process pool of `workers` when there are
     enough files (each file's database write stays in the scanning process, one transaction each, so a kill still
     leaves a consistent catalog). Text vectors are computed by pool workers only, and from TEXT_MIN_FILES files."""
-    batches = [paths[i:i + SCAN_BATCH] for i in range(0, len(paths), SCAN_BATCH)]
+    batches = scan_batches(paths, workers)
     analyse = functools.partial(analyse_files, features=features)
     if workers <= 1 or len(paths) < POOL_MIN_FILES:
         for batch in batches:
@@ -529,9 +540,10 @@ class Catalog:
                 continue  # deleted while scanning; the next scan forgets it
         results = _analysed(changed, workers, self.features_hook, self.text_vectors_hook)
         try:
-            for path, analysis in zip(changed, results):
-                if analysis is not None:
-                    self._scan_file(path, known.get(str(path)), report, analysis)
+            with rare_collections():
+                for path, analysis in zip(changed, results):
+                    if analysis is not None:
+                        self._scan_file(path, known.get(str(path)), report, analysis)
         finally:
             results.close()
         report.seconds = time.monotonic() - started
