@@ -196,7 +196,7 @@ def _regroup(rows: Sequence[tuple[int, str, ModuleSVD]]) -> list[SVDGroup]:
 def pack_svds(loras: Sequence[LoRA | Mapping], k: int = 8, signs: bool = True) -> PackedSVDs:
     """Top-k SVD of every module of every LoRA; same-shape modules of all of them share each batched QR/SVD.
 
-    A LoRA may be a `LoRA`, {name: ModuleLoRA}, or {name: (B, A, scale)} (`retrieval.loading.read_factors`).
+    A LoRA may be a `LoRA`, {name: ModuleLoRA}, or {name: (B, A, scale)}.
     ``signs=False`` skips the sign fix of plain LoRA / LoCon modules, for consumers that flipping a singular pair
     does not change: the raw blocks (every feature is a product of a pair with itself) are the same to the bit.
     """

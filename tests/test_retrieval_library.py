@@ -166,12 +166,13 @@ def sd15_not_encoded(index, cat):
     return cat.get("sd15_ghost").id not in index.members["weights"]
 
 
-def test_fast_reader_matches_read_lora(library, tmp_path):
+def test_index_reader_keeps_the_catalog_family_and_reads_every_format(library, tmp_path):
     path = library[1][0]["path"]
-    modules, family, metadata = read_factors(path, "tinyworld")
     ref = read_lora(path)
-    assert family == "tinyworld" and metadata == ref.metadata and set(modules) == set(ref.modules)
+    modules, family, metadata = read_factors(path, "sd15")   # the catalog's family (e.g. from a sidecar) wins
+    assert family == "sd15" and metadata == ref.metadata and set(modules) == set(ref.modules)
     lora = load_for_index(path)
+    assert lora.family == ref.family
     for name, m in ref.modules.items():
         assert torch.allclose(lora.modules[name].delta_weight(), m.delta_weight(), atol=1e-3)
     diff = write_lora(ref, tmp_path / "d.safetensors", format="diffusers")
