@@ -18,8 +18,9 @@ or incompatible index is rebuilt from the catalog (so is a family that has grown
 descriptor PCA was fitted on).
 
 The descriptor's raw blocks come from the catalog when its scan stored them for this descriptor's settings
-(`descriptor.blocks_fingerprint`) and the same tensors; only the other LoRAs' files are read (and, with an encoder,
-the files of the LoRAs it encodes: it needs their factors). Both ways give the same blocks (float16). Likewise the
+(`descriptor.blocks_fingerprint`) and the same tensors; only the other LoRAs' files are read for them. With an
+encoder, the files of the LoRAs it encodes are read too (it needs their factors), for the encoder alone when their
+blocks are stored. Both ways give the same blocks (float16). Likewise the
 metadata-text vectors a big scan stored (`catalog_text_vectors`) are used when they come from this index's text
 embedder (same fingerprint) and the same text; the other texts are embedded here.
 Family is a hard filter in every search: LoRAs of another family are never candidates.
@@ -368,14 +369,16 @@ class LibraryIndex:
         init prints only (no encoder, no text)."""
         return _FeaturizerPool(self, entries, encode=encode)
 
-    def _stored(self, entries: Sequence, encode: bool = True) -> dict[int, str]:
+    def _stored(self, entries: Sequence) -> dict[int, str]:
         """{id: tensor hash} of the entries whose descriptor blocks can come from the catalog."""
         if not self.stored_features or not hasattr(self.catalog, "feature_ids"):
             return {}
         found = self.catalog.feature_ids(blocks_fingerprint(self.descriptor.config))
-        fam = self.encoder.config.family if self.encoder is not None and encode else None
-        return {e.id: e.tensor_hash for e in entries if found.get(e.id) == e.tensor_hash and e.tensor_hash
-                and (fam is None or fam not in ("unknown", e.family))}   # the encoder needs the factors
+        return {e.id: e.tensor_hash for e in entries if found.get(e.id) == e.tensor_hash and e.tensor_hash}
+
+    def _encodes(self, entry) -> bool:
+        """Whether the encoder encodes this LoRA (its family): then its file is read, the encoder needs the factors."""
+        return self.encoder is not None and self.encoder.config.family in ("unknown", entry.family)
 
     def _add_features(self, r: Features, report: RefreshReport) -> None:
         report.failed += r.failed
@@ -682,7 +685,9 @@ class _Worker:
             self.encoder.load_state_dict(state)
             self.encoder.eval()
 
-    def run(self, entries: Sequence, meta_vecs: np.ndarray | None, joint: bool) -> Features:
+    def run(self, entries: Sequence, meta_vecs: np.ndarray | None, joint: bool, blocks: bool = True) -> Features:
+        """Features of `entries` from their files; `blocks=False`: the encoder's vectors only (the descriptor blocks
+        and init prints come from the catalog)."""
         out = Features(entries=[], meta_vecs=None, files_read=len(entries))
         loaded, keep = [], []
         for j, e in enumerate(entries):
@@ -699,11 +704,12 @@ class _Worker:
         if not loaded:
             return out
         packed = pack_svds(loaded, self.top_k)
-        for blocks in raw_blocks_many(packed, self.cfg):
-            names, stacked = stored_blocks(blocks, self.cfg)   # float16, as the catalog stores them
-            out.names.append(names)
-            out.blocks.append(stacked)
-        out.init_prints = list(init_fingerprints(packed).astype(np.float16))
+        if blocks:
+            for found in raw_blocks_many(packed, self.cfg):
+                names, stacked = stored_blocks(found, self.cfg)   # float16, as the catalog stores them
+                out.names.append(names)
+                out.blocks.append(stacked)
+            out.init_prints = list(init_fingerprints(packed).astype(np.float16))
         if self.encoder is not None:
             fam = self.encoder.config.family
             out.encoded = [j for j, e in enumerate(out.entries) if fam in ("unknown", e.family)]
@@ -737,8 +743,8 @@ def _init_worker(args, parent_pid: int) -> None:
     bulk_gc_thresholds()
 
 
-def _run_worker(entries, meta_vecs, joint) -> Features:
-    return _WORKER.run(entries, meta_vecs, joint)
+def _run_worker(entries, meta_vecs, joint, blocks=True) -> Features:
+    return _WORKER.run(entries, meta_vecs, joint, blocks)
 
 
 def default_workers() -> int:
@@ -765,9 +771,9 @@ class _FeaturizerPool:
         if enc is not None:
             blob = (asdict(enc.config), {k: v.detach().clone() for k, v in enc.state_dict().items()})
         self.args = (lib._top_k(), lib.descriptor.config, blob)
-        self.stored = lib._stored(entries, encode)
+        self.stored = lib._stored(entries)
         self.fingerprint = blocks_fingerprint(lib.descriptor.config)
-        n_read = sum(e.id not in self.stored for e in entries)
+        n_read = sum(e.id not in self.stored or (encode and lib._encodes(e)) for e in entries)
         self.workers = workers if workers is not None else getattr(lib, "workers", None) or default_workers()
         self.use_pool = self.workers > 1 and n_read >= self.MIN_FILES_FOR_POOL
         self.pool = None
@@ -808,20 +814,21 @@ class _FeaturizerPool:
             self.seen.update(zip(new, text.encode(new)))
         return np.stack([self.seen[t] for t in texts]) if texts else np.zeros((0, text.dim), np.float32)
 
-    def _read(self, entries, meta_vecs, joint):
+    def _read(self, entries, meta_vecs, joint, blocks):
         """Features of entries whose files must be read: a future (worker process) or a done value (here)."""
         if self.pool is not None:
-            return self.pool.submit(_run_worker, entries, meta_vecs, joint)
+            return self.pool.submit(_run_worker, entries, meta_vecs, joint, blocks)
         if self.local is None:
             self.local = _Worker(*self.args)
-        return self.local.run(entries, meta_vecs, joint)
+        return self.local.run(entries, meta_vecs, joint, blocks)
 
     def _split(self, chunk):
-        """(stored blocks {id: StoredFeatures}, indices of the chunk's entries whose files must be read)."""
+        """(stored blocks {id: StoredFeatures}, indices of the chunk's entries whose files must be read: those
+        without stored blocks, and those the encoder encodes)."""
         ids = [e.id for e in chunk if e.id in self.stored]
         found = self.lib.catalog.stored_features(ids, self.fingerprint) if ids else {}
         found = {i: f for i, f in found.items() if f.tensor_hash == self.stored[i] and f.init_print is not None}
-        return found, [j for j, e in enumerate(chunk) if e.id not in found]
+        return found, [j for j, e in enumerate(chunk) if e.id not in found or (self.encode and self.lib._encodes(e))]
 
     def run(self, entries: Sequence):
         """Yields (Features, None) per chunk, in order."""
@@ -833,7 +840,9 @@ class _FeaturizerPool:
             found, to_read = self._split(c)
             read = None
             if to_read:   # keep a few chunks in flight; embed the next chunk's text while workers read files
-                read = self._read([c[j] for j in to_read], meta[to_read] if meta is not None else None, joint)
+                blocks = any(c[j].id not in found for j in to_read)   # else the encoder's vectors only
+                read = self._read([c[j] for j in to_read], meta[to_read] if meta is not None else None, joint,
+                                  blocks)
             pending.append((c, meta, found, read))
             while len(pending) > (2 * self.workers if self.pool is not None else 0):
                 yield _merge(*pending.pop(0)), None
@@ -854,15 +863,15 @@ def _merge(chunk, meta, found, read) -> Features:
     was_encoded = set(read.encoded) if read is not None else set()
     keep = []
     for j, e in enumerate(chunk):
-        if e.id in found:
+        k = from_file.get(e.id)
+        if e.id in found:   # the file may have been read for the encoder alone
             names, blocks, init = found[e.id].names, found[e.id].blocks, found[e.id].init_print
-        elif e.id in from_file:
-            k = from_file[e.id]
+        elif k is not None:
             names, blocks, init = read.names[k], read.blocks[k], read.init_prints[k]
-            if k in was_encoded:   # rows of read.weights / read.joint, in the same order
-                out.encoded.append(len(out.entries))
         else:
             continue   # its file could not be read (said so in `failed`)
+        if k is not None and k in was_encoded:   # rows of read.weights / read.joint, in the same order
+            out.encoded.append(len(out.entries))
         out.entries.append(e)
         out.names.append(names)
         out.blocks.append(blocks)
