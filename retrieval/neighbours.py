@@ -39,7 +39,7 @@ NEIGHBOURS = 5       # neighbours with metadata that give a LoRA its vector ...
 TEMPERATURE = 0.05   # ... weighted by softmax(cosine / TEMPERATURE)
 PCA_FIT_ROWS = 1024  # PCA is fitted on at most this many LoRAs (a fixed random sample)
 CONTENT_MODULES = 128   # attention modules the content rows use at most (TinyWorld and SD1.5 have 128)
-THREADS = min(4, os.cpu_count() or 1)   # threads that build content rows (10 000 LoRAs: 3.7 s on one, 2.2 on two)
+THREADS = min(4, os.cpu_count() or 1)   # threads that build content rows (10 000 LoRAs: 3.7 s on one, 2.6 on two)
 
 
 def attention_factors(names: Sequence[str], blocks: np.ndarray, cfg: DescriptorConfig
