@@ -18,7 +18,8 @@ attention projection on its own: the measurement behind `retrieval.clustering.ST
 grouping of their synthetic 512-d fingerprints included (`seconds_10k_init_groups`).
 `style_shown`: how often the judge sees each style LoRA's own style in its image-baseline samples, by kind of
 LoRA (headline, community variant, trained on one narrow content): a family whose LoRAs never learned their style
-cannot be recovered from their weights either.
+cannot be recovered from their weights either. `weights_styles_shown`: the weights' clustering of all style
+LoRAs (the `styles` figure), scored only on the LoRAs whose samples show their style at least half the time.
 """
 from __future__ import annotations
 
@@ -206,12 +207,23 @@ def main(argv=None):
             result["image_baseline_by_set"][set_name] = evaluate(unit_pca(E[idx]), [concept[i] for i in idx])
         result["image_baseline"] = {k: result["image_baseline_by_set"]["styles"][k] for k in ("ari", "nmi", "k")}
         shown: dict[str, list[float]] = {}
+        rate = {}
         for i in sets["styles"]:
             kind = labels[rels[i]].get("kind", "unknown")
-            shown.setdefault(kind, []).append(np.mean([p["style"] == concept[i] for p in judge.predict(images[i])]))
+            rate[i] = float(np.mean([p["style"] == concept[i] for p in judge.predict(images[i])]))
+            shown.setdefault(kind, []).append(rate[i])
         result["style_shown"] = {kind: {"mean": round(float(np.mean(v)), 3), "loras": len(v),
                                         "at_least_half": int(sum(x >= 0.5 for x in v))} for kind, v in shown.items()}
         print("style shown in its own samples", json.dumps(result["style_shown"]))
+        # the weights' clustering of every style LoRA (as above), scored on those whose samples show their style
+        strong = [j for j, i in enumerate(sets["styles"]) if rate[i] >= 0.5]
+        truth = [concept[sets["styles"][j]] for j in strong]
+        auto = cluster_styles(feats["styles"])
+        fixed = cluster_styles(feats["styles"], k=len(set(concept[i] for i in sets["styles"])))
+        result["weights_styles_shown"] = {"loras": len(strong), "styles": len(set(truth)),
+                                          **scores(truth, auto.labels[strong]),
+                                          "at_true_k": scores(truth, fixed.labels[strong])}
+        print("weights, style LoRAs that show their style", json.dumps(result["weights_styles_shown"]))
         print("images", json.dumps(result["image_baseline_by_set"]))
 
     # 10 000 LoRAs: synthetic 32-d descriptors around 40 style centres

@@ -187,6 +187,11 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
     add("Style clustering", "ARI from weights (style families)", w.get("ari"), ">= 0.90", (w.get("ari") or 0) >= 0.9)
     add("Style clustering", "ARI of the image-embedding baseline", im.get("ari"), "< weights ARI",
         w.get("ari") is not None and im.get("ari") is not None and w["ari"] > im["ari"])
+    shown = cl.get("weights_styles_shown")
+    if shown:
+        add("Style clustering", f"same, scored on the {shown['loras']} style LoRAs whose samples show their style "
+            f"({shown['styles']} styles), auto k / true k", f"{shown['ari']} / {shown['at_true_k']['ari']}",
+            "(context)", None)
     add("Style clustering", "10 000 LoRAs clustered, s", cl.get("seconds_10k"), "<= 30",
         cl.get("seconds_10k") is not None and cl["seconds_10k"] <= 30)
     return out
