@@ -189,7 +189,7 @@ def rows() -> list[tuple[str, str, str, str, bool | None]]:
         w.get("ari") is not None and im.get("ari") is not None and w["ari"] > im["ari"])
     shown = cl.get("weights_styles_shown")
     if shown:
-        add("Style clustering", f"same, scored on the {shown['loras']} style LoRAs whose samples show their style "
+        add("Style clustering", f"ARI from weights, scored on the {shown['loras']} style LoRAs whose samples show their style "
             f"({shown['styles']} styles), auto k / true k", f"{shown['ari']} / {shown['at_true_k']['ari']}",
             "(context)", None)
     add("Style clustering", "10 000 LoRAs clustered, s", cl.get("seconds_10k"), "<= 30",
