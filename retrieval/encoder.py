@@ -234,6 +234,9 @@ class LoRAEncoder(nn.Module):
         tokens = tokens * x.present.unsqueeze(-1)
         seq = torch.cat([self.cls.expand(b, 1, h), tokens], dim=1)
         keep = torch.cat([torch.ones(b, 1, dtype=torch.bool), x.present], dim=1)
+        live = keep.any(0)
+        if not bool(live.all()):   # slots no LoRA of the batch has are masked in every row: the same output
+            seq, keep = seq[:, live], keep[:, live]   # without them (an attention-only LoRA skips ff/resnet slots)
         out = self.transformer(seq, src_key_padding_mask=~keep)
         pooled = (out * keep.unsqueeze(-1)).sum(1) / keep.sum(1, keepdim=True)
         weights_only = F.normalize(self.head(pooled), dim=-1)

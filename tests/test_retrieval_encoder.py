@@ -75,6 +75,22 @@ def test_missing_layers_are_zero_filled_and_masked(pairs):
     assert np.allclose(enc.encode([full]), enc.encode([extra]), atol=1e-6)  # unknown modules are ignored
 
 
+def test_a_vector_does_not_depend_on_the_other_loras_of_its_batch(pairs):
+    """Slots that no LoRA of a batch has are dropped before the transformer (masked in every row anyway): a
+    partial LoRA encoded alone, beside other partial ones, or beside a full one gives the same vector."""
+    enc = _encoder(pairs, meta_dim=32)
+    full = pairs[0].svds
+    names = list(full)
+    half = {n: full[n] for n in names[:5]}
+    other = {n: pairs[3].svds[n] for n in names[2:7]}
+    meta = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    alone_w, alone_j = enc.encode([half], meta[:1], [True], both=True)
+    w, j = enc.encode([half, other, full], meta, [True, True, True], both=True)
+    w2, _ = enc.encode([half, other], meta[:2], [True, True], both=True)
+    assert np.allclose(alone_w[0], w[0], atol=1e-5) and np.allclose(alone_j[0], j[0], atol=1e-5)
+    assert np.allclose(w2, w[:2], atol=1e-5)
+
+
 def test_contrastive_loss_groups():
     w = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     assert float(contrastive_loss(w, w, ["a", "b", "c", "d"], torch.tensor(50.0))) < 0.05
