@@ -21,7 +21,9 @@
    metadata text's vector from the packaged sentence model, stored in the catalog), then `LibraryIndex.rebuild`
    (every channel: descriptor blocks and text vectors from the catalog, no file read again unless an encoder needs
    the factors, no text embedded again unless the index's embedder is another). Recorded: catalog_scan_s, index_s,
-   total_s (their sum), how many files the index read and how many texts' vectors it took from the catalog.
+   total_s (their sum), how many files the index read and how many texts' vectors it took from the catalog. Each
+   timing is the median of `--file-rounds` rounds (a fresh catalog for each scan; every round's time is kept):
+   on a shared 2-core machine one scan varies by several seconds from run to run.
 
 The library is `--library` (default assets/loras and runs/community, built by
 `python -m studio.tinyworld.build_library --only community` and `--only style_content`) when they hold LoRA files, else a synthetic one (said so
@@ -477,33 +479,47 @@ def write_files(folder: Path, n: int, rank: int = 4) -> None:
 
 
 def files_bench(args, work: Path, text, encoder) -> dict:
+    import statistics
+
     folder = work / "files"
     t0 = time.monotonic()
     write_files(folder, args.files)
     log(f"wrote {args.files} files in {time.monotonic() - t0:.0f}s")
-    cat = Catalog(work / "files_catalog" / "catalog.sqlite")
-    t0 = time.monotonic()
-    cat.scan(folder, workers=os.cpu_count() or 1)
-    scan_s = time.monotonic() - t0
-    log(f"catalog scan: {scan_s:.1f}s")
+    scans = []
+    for r in range(args.file_rounds):   # a fresh catalog each round: every file read, hashed and checked again
+        cat = Catalog(work / f"files_catalog_{r}" / "catalog.sqlite")
+        t0 = time.monotonic()
+        cat.scan(folder, workers=os.cpu_count() or 1)
+        scans.append(round(time.monotonic() - t0, 2))
+        log(f"catalog scan, round {r + 1}: {scans[-1]:.1f}s")
+        if r < args.file_rounds - 1:
+            cat.close()
+            shutil.rmtree(work / f"files_catalog_{r}", ignore_errors=True)
+    scan_s = statistics.median(scans)
     # as the studio indexes by default (weight descriptor + metadata text), then with a trained weight encoder
     # (the optional "weights" and "joint" channels) when the quality section trained one
-    out = {"files": args.files, "catalog_scan_s": round(scan_s, 2), "text_embedder": text.name if text else None}
+    out = {"files": args.files, "catalog_scan_s": round(scan_s, 2), "catalog_scan_rounds": scans,
+           "text_embedder": text.name if text else None}
     runs = [("index_s", None)] + ([("index_with_encoder_s", encoder)] if encoder is not None else [])
     for key, enc in runs:
-        index = LibraryIndex(cat, text_embedder=text, encoder=enc, workers=args.workers)
-        t0 = time.monotonic()
-        report = index.rebuild()
-        out[key] = round(time.monotonic() - t0, 2)
+        times = []
+        for r in range(args.file_rounds):
+            index = LibraryIndex(cat, text_embedder=text, encoder=enc, workers=args.workers)
+            t0 = time.monotonic()
+            report = index.rebuild()
+            times.append(round(time.monotonic() - t0, 2))
+        out[key] = round(statistics.median(times), 2)
+        out[key.replace("_s", "_rounds")] = times
         out["channels" if enc is None else "channels_with_encoder"] = sorted(index.vectors)
         out["files_read" if enc is None else "files_read_with_encoder"] = report.files_read
         if enc is None:
             out["texts_from_catalog"] = report.texts_from_catalog
-        log(f"index rebuild ({', '.join(sorted(index.vectors))}): {out[key]:.1f}s ({len(index)} LoRAs, "
-            f"{len(report.failed)} failed, {report.from_catalog} from the catalog, {report.files_read} files read, "
-            f"{report.texts_from_catalog} text vectors from the catalog)")
+        log(f"index rebuild ({', '.join(sorted(index.vectors))}): {out[key]:.1f}s median of {times} ({len(index)} "
+            f"LoRAs, {len(report.failed)} failed, {report.from_catalog} from the catalog, {report.files_read} files "
+            f"read, {report.texts_from_catalog} text vectors from the catalog)")
     shutil.rmtree(folder, ignore_errors=True)
-    out.update(total_s=round(out["index_s"] + scan_s, 2), workers=args.workers or "default")
+    out.update(total_s=round(out["index_s"] + scan_s, 2), workers=args.workers or "default",
+               rounds=args.file_rounds)
     return out
 
 
@@ -520,6 +536,7 @@ def main(argv=None):
     ap.add_argument("--target-recall", type=float, default=0.98)
     ap.add_argument("--files", type=int, default=10_000)
     ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--file-rounds", type=int, default=3, help="rounds of the 10 000-file scan and index (median)")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-scale", action="store_true")
     ap.add_argument("--skip-files", action="store_true")
