@@ -72,6 +72,12 @@ class EncoderConfig:
 
         return DescriptorConfig(sketch=self.sketch, top_k=self.top_k, seed=self.seed, content_sketch=0)
 
+    def takes_blocks_of(self, cfg) -> bool:
+        """Whether descriptor blocks made with `cfg` (as a catalog stores them) are this encoder's fixed sketches."""
+        mine = self.descriptor_config()
+        return bool(self.sketch) and all(getattr(cfg, f) == getattr(mine, f) for f in
+                                         ("sketch", "top_k", "seed", "spectrum_weight", "norm_weight"))
+
 
 @dataclass
 class EncoderInputs:
@@ -97,10 +103,17 @@ class EncoderInputs:
 
 
 def prepare_inputs(config: EncoderConfig, items: Sequence[Mapping[str, ModuleSVD]] | PackedSVDs,
-                   meta: np.ndarray | None = None, meta_present: Sequence[bool] | None = None) -> EncoderInputs:
+                   meta: np.ndarray | None = None, meta_present: Sequence[bool] | None = None,
+                   stored: Sequence[tuple[Sequence[str], np.ndarray]] | None = None) -> EncoderInputs:
     """Encoder inputs for LoRAs given as {module name: ModuleSVD} maps or a `PackedSVDs` (batched, no loop per
-    module); modules outside the layout, or of another shape, are ignored."""
+    module); modules outside the layout, or of another shape, are ignored.
+
+    The fixed descriptor sketches are the descriptor blocks of the layout's modules (relative log-norms against
+    their median), in float16 as a catalog stores them (`retrieval.descriptor.stored_blocks`). `stored`: per LoRA,
+    the (names, rows) a catalog stored (made with settings `config.takes_blocks_of`): used when every module of the
+    batch's LoRAs is in the layout (then they are these blocks), instead of computing them again."""
     packed = pack_dicts(items)
+    n_modules = np.bincount([li for g in packed.groups for li, _ in g.owners], minlength=len(packed))
     types = config.slot_types()
     slot_of = {n: i for i, n in enumerate(config.layout)}
     slots_of: dict[str, list[int]] = {}
@@ -127,11 +140,19 @@ def prepare_inputs(config: EncoderConfig, items: Sequence[Mapping[str, ModuleSVD
             idx = torch.tensor(keep)
             groups.append(SVDGroup(g.U[idx], g.S[idx], g.V[idx], [g.owners[r] for r in keep]))
     packed = PackedSVDs(groups, [[n for n in names if n in slot_of] for names in packed.names])
-    blocks = torch.zeros(b, len(types), config.descriptor_config().block) if config.sketch else None
-    group_blocks = packed_blocks(packed, config.descriptor_config()) if config.sketch else [None] * len(groups)
-    for g, gb in zip(packed.groups, group_blocks):
+    bw = config.descriptor_config().block
+    sketches: dict[tuple[int, str], np.ndarray] = {}
+    kept = np.bincount([li for g in packed.groups for li, _ in g.owners], minlength=b)
+    if config.sketch and stored is not None and (kept == n_modules).all():
+        for li, (names, rows) in enumerate(stored):
+            sketches.update(((li, n), r[:bw]) for n, r in zip(names, rows))
+    elif config.sketch:
+        for g, gb in zip(packed.groups, packed_blocks(packed, config.descriptor_config())):
+            gb = gb.astype(np.float16)
+            sketches.update((owner, gb[r]) for r, owner in enumerate(g.owners))
+    blocks = torch.zeros(b, len(types), bw) if config.sketch else None
+    for g in packed.groups:
         sel = [(r, li, slot_of[name]) for r, (li, name) in enumerate(g.owners)]
-        rows = torch.arange(len(sel))
         lis = torch.tensor([li for _, li, _ in sel])
         slots = torch.tensor([s for _, _, s in sel])
         kk = min(k, g.S.shape[1])
@@ -148,7 +169,7 @@ def prepare_inputs(config: EncoderConfig, items: Sequence[Mapping[str, ModuleSVD
         present[lis, slots] = nrm > 1e-12
         lognorm[lis, slots] = nrm.clamp_min(1e-12).log()
         if blocks is not None:
-            blocks[lis, slots] = torch.from_numpy(gb[rows.numpy()])
+            blocks[lis, slots] = torch.from_numpy(np.stack([sketches[owner] for owner in g.owners]).astype(np.float32))
     # relative log-norm: each LoRA's modules against its own median, so α and learning rate do not matter
     for i in range(b):
         live = present[i]
@@ -253,9 +274,11 @@ class LoRAEncoder(nn.Module):
     # convenience ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, items: Sequence[Mapping[str, ModuleSVD]] | PackedSVDs, meta: np.ndarray | None = None,
-               meta_present: Sequence[bool] | None = None, batch_size: int = 128, both: bool = False):
+               meta_present: Sequence[bool] | None = None, batch_size: int = 128, both: bool = False,
+               stored: Sequence[tuple[Sequence[str], np.ndarray]] | None = None):
         """(n, out_dim) float32 vectors of LoRAs given as svds maps (`retrieval.descriptor.lora_svds`) or packed;
-        with `meta` the metadata joins where `meta_present`. `both`: (weights only, with metadata)."""
+        with `meta` the metadata joins where `meta_present`. `both`: (weights only, with metadata). `stored`: their
+        descriptor blocks as a catalog stores them (see `prepare_inputs`)."""
         self.eval()
         if isinstance(items, PackedSVDs) and len(items) > batch_size:
             items = items.per_lora()
@@ -265,7 +288,8 @@ class LoRAEncoder(nn.Module):
             part = items if isinstance(items, PackedSVDs) else items[sl]
             m = None if meta is None or self.meta_proj is None else np.asarray(meta)[sl]
             mp = None if m is None else (list(meta_present)[sl] if meta_present is not None else None)
-            w, j = self(prepare_inputs(self.config, part, m, mp), use_meta=m is not None, both=True)
+            st = None if stored is None else list(stored)[sl]
+            w, j = self(prepare_inputs(self.config, part, m, mp, st), use_meta=m is not None, both=True)
             rows_w.append(w.numpy())
             rows_j.append(j.numpy())
         empty = np.zeros((0, self.config.out_dim), dtype=np.float32)

@@ -685,9 +685,10 @@ class _Worker:
             self.encoder.load_state_dict(state)
             self.encoder.eval()
 
-    def run(self, entries: Sequence, meta_vecs: np.ndarray | None, joint: bool, blocks: bool = True) -> Features:
+    def run(self, entries: Sequence, meta_vecs: np.ndarray | None, joint: bool, blocks: bool = True,
+            stored: Sequence[tuple[list[str], np.ndarray]] | None = None) -> Features:
         """Features of `entries` from their files; `blocks=False`: the encoder's vectors only (the descriptor blocks
-        and init prints come from the catalog)."""
+        and init prints come from the catalog: `stored`, per entry, as the catalog stores them)."""
         out = Features(entries=[], meta_vecs=None, files_read=len(entries))
         loaded, keep = [], []
         for j, e in enumerate(entries):
@@ -710,6 +711,9 @@ class _Worker:
                 out.names.append(names)
                 out.blocks.append(stacked)
             out.init_prints = list(init_fingerprints(packed).astype(np.float16))
+            stored = list(zip(out.names, out.blocks))
+        elif stored is not None:
+            stored = [stored[j] for j in keep]
         if self.encoder is not None:
             fam = self.encoder.config.family
             out.encoded = [j for j, e in enumerate(out.entries) if fam in ("unknown", e.family)]
@@ -719,12 +723,15 @@ class _Worker:
                 else:
                     per = packed.per_lora()
                     items = [per[j] for j in out.encoded]
+                # the encoder's fixed sketches are the descriptor blocks just made or stored, when they fit
+                sketches = [stored[j] for j in out.encoded] \
+                    if stored is not None and self.encoder.config.takes_blocks_of(self.cfg) else None
                 if joint and out.meta_vecs is not None:
                     present = [Metadata.of(out.entries[j]).has_text for j in out.encoded]
                     out.weights, out.joint = self.encoder.encode(items, out.meta_vecs[out.encoded], present,
-                                                                 both=True)
+                                                                 both=True, stored=sketches)
                 else:
-                    out.weights = self.encoder.encode(items)
+                    out.weights = self.encoder.encode(items, stored=sketches)
         return out
 
 
@@ -743,8 +750,8 @@ def _init_worker(args, parent_pid: int) -> None:
     bulk_gc_thresholds()
 
 
-def _run_worker(entries, meta_vecs, joint, blocks=True) -> Features:
-    return _WORKER.run(entries, meta_vecs, joint, blocks)
+def _run_worker(entries, meta_vecs, joint, blocks=True, stored=None) -> Features:
+    return _WORKER.run(entries, meta_vecs, joint, blocks, stored)
 
 
 def default_workers() -> int:
@@ -814,13 +821,13 @@ class _FeaturizerPool:
             self.seen.update(zip(new, text.encode(new)))
         return np.stack([self.seen[t] for t in texts]) if texts else np.zeros((0, text.dim), np.float32)
 
-    def _read(self, entries, meta_vecs, joint, blocks):
+    def _read(self, entries, meta_vecs, joint, blocks, stored=None):
         """Features of entries whose files must be read: a future (worker process) or a done value (here)."""
         if self.pool is not None:
-            return self.pool.submit(_run_worker, entries, meta_vecs, joint, blocks)
+            return self.pool.submit(_run_worker, entries, meta_vecs, joint, blocks, stored)
         if self.local is None:
             self.local = _Worker(*self.args)
-        return self.local.run(entries, meta_vecs, joint, blocks)
+        return self.local.run(entries, meta_vecs, joint, blocks, stored)
 
     def _split(self, chunk):
         """(stored blocks {id: StoredFeatures}, indices of the chunk's entries whose files must be read: those
@@ -841,8 +848,9 @@ class _FeaturizerPool:
             read = None
             if to_read:   # keep a few chunks in flight; embed the next chunk's text while workers read files
                 blocks = any(c[j].id not in found for j in to_read)   # else the encoder's vectors only
+                stored = None if blocks else [(found[c[j].id].names, found[c[j].id].blocks) for j in to_read]
                 read = self._read([c[j] for j in to_read], meta[to_read] if meta is not None else None, joint,
-                                  blocks)
+                                  blocks, stored)
             pending.append((c, meta, found, read))
             while len(pending) > (2 * self.workers if self.pool is not None else 0):
                 yield _merge(*pending.pop(0)), None

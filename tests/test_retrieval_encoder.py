@@ -91,6 +91,25 @@ def test_a_vector_does_not_depend_on_the_other_loras_of_its_batch(pairs):
     assert np.allclose(w2, w[:2], atol=1e-5)
 
 
+def test_stored_descriptor_blocks_are_the_encoders_sketches(pairs):
+    """Descriptor blocks as a catalog scan stores them (float16, with its content columns) stand in for the
+    encoder's fixed sketches: the same vectors as computing them; a LoRA with a module outside the layout has its
+    sketches computed (the stored blocks' log-norm median covers that module too)."""
+    from retrieval.descriptor import DescriptorConfig, raw_blocks_many, stored_blocks
+
+    enc = _encoder(pairs)
+    cfg = DescriptorConfig()
+    assert enc.config.takes_blocks_of(cfg) and not enc.config.takes_blocks_of(DescriptorConfig(sketch=4))
+    svds = [p.svds for p in pairs[:4]]
+    stored = [stored_blocks(b, cfg) for b in raw_blocks_many(svds, cfg)]
+    assert stored[0][1].dtype == np.float16 and stored[0][1].shape[1] > enc.config.descriptor_config().block
+    assert np.allclose(enc.encode(svds, stored=stored), enc.encode(svds), atol=1e-6)
+    zeros = [(names, np.zeros_like(rows)) for names, rows in stored]
+    assert not np.allclose(enc.encode(svds, stored=zeros), enc.encode(svds), atol=1e-3)   # they are what it reads
+    extra = dict(svds[0], **{"unet.not.in.layout.to_q": next(iter(svds[0].values()))})
+    assert np.allclose(enc.encode([extra], stored=zeros[:1]), enc.encode([extra]), atol=1e-6)   # computed instead
+
+
 def test_contrastive_loss_groups():
     w = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
     assert float(contrastive_loss(w, w, ["a", "b", "c", "d"], torch.tensor(50.0))) < 0.05
