@@ -72,6 +72,10 @@ class EncoderConfig:
 
         return DescriptorConfig(sketch=self.sketch, top_k=self.top_k, seed=self.seed, content_sketch=0)
 
+    def encodes(self, family: str) -> bool:
+        """Whether LoRAs of this base-model family are this encoder's to encode."""
+        return self.family in ("unknown", family)
+
     def takes_blocks_of(self, cfg) -> bool:
         """Whether descriptor blocks made with `cfg` (as a catalog stores them) are this encoder's fixed sketches."""
         mine = self.descriptor_config()
@@ -141,17 +145,16 @@ def prepare_inputs(config: EncoderConfig, items: Sequence[Mapping[str, ModuleSVD
             groups.append(SVDGroup(g.U[idx], g.S[idx], g.V[idx], [g.owners[r] for r in keep]))
     packed = PackedSVDs(groups, [[n for n in names if n in slot_of] for names in packed.names])
     bw = config.descriptor_config().block
-    sketches: dict[tuple[int, str], np.ndarray] = {}
     kept = np.bincount([li for g in packed.groups for li, _ in g.owners], minlength=b)
     if config.sketch and stored is not None and (kept == n_modules).all():
-        for li, (names, rows) in enumerate(stored):
-            sketches.update(((li, n), r[:bw]) for n, r in zip(names, rows))
+        rows = {(li, n): r[:bw] for li, (names, block) in enumerate(stored) for n, r in zip(names, block)}
+        group_blocks = [np.stack([rows[owner] for owner in g.owners]) for g in packed.groups]
     elif config.sketch:
-        for g, gb in zip(packed.groups, packed_blocks(packed, config.descriptor_config())):
-            gb = gb.astype(np.float16)
-            sketches.update((owner, gb[r]) for r, owner in enumerate(g.owners))
+        group_blocks = [gb.astype(np.float16) for gb in packed_blocks(packed, config.descriptor_config())]
+    else:
+        group_blocks = [None] * len(packed.groups)
     blocks = torch.zeros(b, len(types), bw) if config.sketch else None
-    for g in packed.groups:
+    for g, gb in zip(packed.groups, group_blocks):
         sel = [(r, li, slot_of[name]) for r, (li, name) in enumerate(g.owners)]
         lis = torch.tensor([li for _, li, _ in sel])
         slots = torch.tensor([s for _, _, s in sel])
@@ -169,7 +172,7 @@ def prepare_inputs(config: EncoderConfig, items: Sequence[Mapping[str, ModuleSVD
         present[lis, slots] = nrm > 1e-12
         lognorm[lis, slots] = nrm.clamp_min(1e-12).log()
         if blocks is not None:
-            blocks[lis, slots] = torch.from_numpy(np.stack([sketches[owner] for owner in g.owners]).astype(np.float32))
+            blocks[lis, slots] = torch.from_numpy(gb.astype(np.float32))
     # relative log-norm: each LoRA's modules against its own median, so α and learning rate do not matter
     for i in range(b):
         live = present[i]

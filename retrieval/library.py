@@ -378,7 +378,7 @@ class LibraryIndex:
 
     def _encodes(self, entry) -> bool:
         """Whether the encoder encodes this LoRA (its family): then its file is read, the encoder needs the factors."""
-        return self.encoder is not None and self.encoder.config.family in ("unknown", entry.family)
+        return self.encoder is not None and self.encoder.config.encodes(entry.family)
 
     def _add_features(self, r: Features, report: RefreshReport) -> None:
         report.failed += r.failed
@@ -715,8 +715,7 @@ class _Worker:
         elif stored is not None:
             stored = [stored[j] for j in keep]
         if self.encoder is not None:
-            fam = self.encoder.config.family
-            out.encoded = [j for j, e in enumerate(out.entries) if fam in ("unknown", e.family)]
+            out.encoded = [j for j, e in enumerate(out.entries) if self.encoder.config.encodes(e.family)]
             if out.encoded:
                 if len(out.encoded) == len(out.entries):
                     items = packed

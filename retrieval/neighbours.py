@@ -98,26 +98,23 @@ class ContentRows:
     def projected(self, spans: Sequence[Sequence[int]], M: np.ndarray, threads: int = THREADS) -> np.ndarray:
         """``concatenate([rows(span) @ M for span in spans])``, the spans shared out over `threads` threads (each
         with its own buffer, BLAS on one thread: building rows is most of the work and numpy does it on one)."""
-        def one(span, buf):
-            return self.rows(span, buf) @ M
+        if not spans:
+            return np.zeros((0, M.shape[1]), np.float32)
+        longest, local = max(len(s) for s in spans), threading.local()
 
-        longest = max((len(s) for s in spans), default=0)
+        def one(span):
+            if not hasattr(local, "buf"):
+                local.buf = np.empty((longest, self.dim), dtype=np.float32)
+            return self.rows(span, local.buf) @ M
+
         if threads <= 1 or len(spans) < 2:
-            buf = np.empty((longest, self.dim), dtype=np.float32)
-            return np.concatenate([one(s, buf) for s in spans]) if spans else np.zeros((0, M.shape[1]), np.float32)
+            return np.concatenate([one(s) for s in spans])
         from concurrent.futures import ThreadPoolExecutor
 
         from threadpoolctl import threadpool_limits
 
-        local = threading.local()
-
-        def task(span):
-            if not hasattr(local, "buf"):
-                local.buf = np.empty((longest, self.dim), dtype=np.float32)
-            return one(span, local.buf)
-
         with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(min(threads, len(spans))) as pool:
-            return np.concatenate(list(pool.map(task, spans)))
+            return np.concatenate(list(pool.map(one, spans)))
 
     def __len__(self) -> int:
         return len(self.items)
