@@ -287,16 +287,9 @@ class HFMeanPoolEmbedder:
     def _compute_model(self):
         """The model that runs: a bf16 copy on CPUs with native bf16 (AVX512-BF16 / AMX), else the fp32 model."""
         if self._compute is None:
-            torch = self._torch
-            self._compute = self.model
-            try:
-                bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-            except (AttributeError, RuntimeError):
-                bf16 = False
-            if bf16 and next(self.model.parameters()).device.type == "cpu":
-                import copy
+            from .cpu_bf16 import inference_copy
 
-                self._compute = copy.deepcopy(self.model).to(torch.bfloat16)
+            self._compute = inference_copy(self.model)
         return self._compute
 
     def fingerprint(self) -> str:
