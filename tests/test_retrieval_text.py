@@ -1,4 +1,6 @@
 """Text side: stemming, metadata captions, BM25 with matched words, and the pluggable embedders."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -89,16 +91,54 @@ def test_clip_text_embedder(tiny_clip):
         ClipTextEmbedder.from_folder(folder / "nothing")
 
 
-def _tiny_bert(folder):
-    from transformers import BertConfig, BertModel, BertTokenizer
+def _tiny_bert(folder, fast: bool = True):
+    from transformers import BertConfig, BertModel, BertTokenizer, BertTokenizerFast
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "ghost", "hat", "ball", "key", "the"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    (BertTokenizerFast if fast else BertTokenizer)(str(folder / "vocab.txt")).save_pretrained(folder)
+    if not fast:   # an older folder: vocab.txt, no tokenizer.json
+        (folder / "tokenizer.json").unlink(missing_ok=True)
     torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+    BertModel(BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=32)).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["tokenizer.json", "vocab.txt only"])
+def test_sentence_model_reader_matches_transformers(tmp_path, fast):
+    """`retrieval.bert` (no transformers import in scan workers) gives transformers' BertModel hidden states and
+    token ids, and its state dict, so the embedder's fingerprint is the same."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from retrieval.bert import BertEncoder, BertTokenizer
+    from retrieval.text import _hash_state
+
+    _tiny_bert(tmp_path, fast)
+    assert (tmp_path / "tokenizer.json").is_file() == fast
+    texts = ["a red ghost", "the hat, the key and a ball", "Red GHOST unknownword " * 40, " "]
+    ours = BertTokenizer(tmp_path).encode(texts, 32)
+    assert ours == AutoTokenizer.from_pretrained(str(tmp_path))(texts, truncation=True, max_length=32)["input_ids"]
+    ids, mask = BertTokenizer(tmp_path).pad(ours)
+    model, ref = BertEncoder.from_folder(tmp_path), AutoModel.from_pretrained(str(tmp_path)).eval()
+    with torch.no_grad():
+        a, b = model(ids, mask), ref(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert torch.allclose(a[mask.bool()], b[mask.bool()], atol=1e-5)
+    assert _hash_state(model) == _hash_state(ref)
+
+
+def test_sentence_model_reader_names_a_folder_it_cannot_read(tmp_path):
+    from retrieval.bert import BertEncoder, BertTokenizer
+
+    _tiny_bert(tmp_path)
+    conf = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(conf, model_type="roberta")))
+    with pytest.raises(ValueError, match=f"{tmp_path}.*not a BERT model"):
+        BertEncoder.from_folder(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "vocab.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor vocab.txt"):
+        BertTokenizer(tmp_path)
 
 
 def test_local_sentence_model_and_packaged_folder(tmp_path, monkeypatch):
