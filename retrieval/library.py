@@ -33,6 +33,8 @@ import multiprocessing
 import os
 import re
 import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -673,17 +675,15 @@ class Features:
 class _Worker:
     """Reads files and computes descriptor blocks and encoder vectors (in this process or a worker)."""
 
-    def __init__(self, top_k: int, desc_config: DescriptorConfig, encoder_blob=None):
+    def __init__(self, top_k: int, desc_config: DescriptorConfig, encoder=None):
+        """`encoder`: a LoRAEncoder, the path of one saved (worker processes load it), or None."""
         self.top_k = top_k
         self.cfg = desc_config
-        self.encoder = None
-        if encoder_blob is not None:
-            from .encoder import EncoderConfig, LoRAEncoder
+        self.encoder = encoder
+        if isinstance(encoder, (str, Path)):
+            from .encoder import LoRAEncoder
 
-            config, state = encoder_blob
-            self.encoder = LoRAEncoder(EncoderConfig(**config))
-            self.encoder.load_state_dict(state)
-            self.encoder.eval()
+            self.encoder = LoRAEncoder.load(encoder)
 
     def run(self, entries: Sequence, meta_vecs: np.ndarray | None, joint: bool, blocks: bool = True,
             stored: Sequence[tuple[list[str], np.ndarray]] | None = None) -> Features:
@@ -773,10 +773,8 @@ class _FeaturizerPool:
         self.lib = lib
         self.encode = encode
         enc = lib.encoder if encode else None
-        blob = None
-        if enc is not None:
-            blob = (asdict(enc.config), {k: v.detach().clone() for k, v in enc.state_dict().items()})
-        self.args = (lib._top_k(), lib.descriptor.config, blob)
+        self.args = (lib._top_k(), lib.descriptor.config, enc)
+        self.tmp = None
         self.stored = lib._stored(entries)
         self.fingerprint = blocks_fingerprint(lib.descriptor.config)
         n_read = sum(e.id not in self.stored or (encode and lib._encodes(e)) for e in entries)
@@ -794,13 +792,21 @@ class _FeaturizerPool:
         if self.use_pool:
             from concurrent.futures import ProcessPoolExecutor
 
+            args = self.args
+            if args[2] is not None:
+                # workers load the encoder from a file: sent as tensors through the spawn pipe, its 11 MB kept this
+                # process blocked while each worker imported torch to unpickle them, one worker after the other
+                self.tmp = tempfile.mkdtemp(prefix="lora_studio_encoder_")
+                args = args[:2] + (str(args[2].save(Path(self.tmp) / "encoder.safetensors")),)
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(self.args, os.getpid()))
+                                            initializer=_init_worker, initargs=(args, os.getpid()))
         return self.run
 
     def __exit__(self, *exc):
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def _meta(self, chunk) -> np.ndarray | None:
         """Metadata text vectors of a chunk: stored by the catalog scan for this embedder and text, or embedded here;

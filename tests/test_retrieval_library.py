@@ -1,6 +1,7 @@
 """LibraryIndex over a real catalog: build, persist, incremental refresh, staleness, family filter, modes."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +192,24 @@ def test_worker_processes_give_the_same_vectors(library, tmp_path, monkeypatch):
     assert set(pooled.entries) == set(vec)
     for i, v in vec.items():
         assert np.allclose(pooled.vector("descriptor", i), v, atol=1e-5)
+    # with an encoder: the workers load it from a temporary file (removed after), the same weights vectors (up to
+    # bf16 rounding in other batches) as this process's encoder
+    import tempfile
+
+    records = {r["name"]: r for r in library[1]}
+    pairs = [TrainingPair(lora_svds(cat.load(e.id), 4), captions(Metadata.of(e)), records[e.name]["concept"],
+                          Metadata.of(e).text(), e.family) for e in cat.all() if e.name in records]
+    enc, _ = train_encoder(pairs, HashingEmbedder(64), steps=5, batch_size=10, hidden=32, layers=1, heads=2)
+    temps = lambda: set(Path(tempfile.gettempdir()).glob("lora_studio_encoder_*"))  # noqa: E731
+    before = temps()
+    runs = [LibraryIndex(cat, text_embedder=HashingEmbedder(64), encoder=enc, workers=w) for w in (1, 2)]
+    for index in runs:
+        index.rebuild()
+    assert temps() == before
+    ids = sorted(runs[0].members["weights"])
+    assert ids and sorted(runs[1].members["weights"]) == ids
+    for i in ids:
+        assert float(runs[0].vector("weights", i) @ runs[1].vector("weights", i)) > 0.999
 
 
 def test_scores_are_calibrated_against_the_query_own_baseline(library, tmp_path):
