@@ -317,7 +317,7 @@ class LoRAEncoder(nn.Module):
 
     def _inference_model(self) -> LoRAEncoder:
         """The model `encode` runs (`retrieval.cpu_bf16.inference_copy`), made again when a weight changed."""
-        version = tuple(p._version for p in self.parameters())
+        version = tuple((id(p), p._version) for p in self.parameters())   # in-place updates and new tensors
         cached = self.__dict__.get("_inference")
         if cached is None or cached[0] != version:
             self.__dict__.pop("_inference", None)   # (not copied into the new copy)
