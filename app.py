@@ -52,7 +52,7 @@ JOB_TYPES = (".jsonl", ".json", ".yaml", ".yml")
 DEFAULT_MAX_UPLOAD_MB = 512
 LORA_HEADERS = ["lora", "weight", "block preset", "start", "stop"]
 LIBRARY_HEADERS = ["name", "category", "family", "format", "rank", "trigger words", "status"]
-SEARCH_HEADERS = ["name", "score", "trigger", "matched words"]
+SEARCH_HEADERS = ["name", "score", "version of", "trigger", "matched words"]
 STYLE_HEADERS = ["cluster", "LoRAs", "members"]
 HEATMAP_METHODS = ("gated", "cmlora")
 AUTH_ENV = "LORA_STUDIO_AUTH"
@@ -459,7 +459,7 @@ class StudioApp:
         if _blank(query):
             raise StudioInputError("type what the LoRA should depict, e.g. 'a ghost' or 'striped style'")
         hits = library_index(self.studio).search(query, k=int(k), family=self.studio.family)
-        return [[h.name, round(h.score, 3), h.trigger or "", ", ".join(h.matched)] for h in hits]
+        return [[h.name, round(h.score, 3), h.model, h.trigger or "", ", ".join(h.matched)] for h in hits]
 
     def search(self, query: str, k: float = 10):
         return self.call(self._search, query, k)

@@ -65,7 +65,8 @@ def search(args) -> None:
     index = _index(args)
     for h in index.search(args.prompt, k=args.k, family=args.family, mode=args.mode):
         chans = ", ".join(f"{c} {v:.2f}" for c, v in h.channels.items())
-        print(f"{h.score:.3f}  {h.name}  ({chans})  {' '.join(h.matched)}")
+        model = f"  [version of {h.model}]" if h.model and h.model != h.name else ""
+        print(f"{h.score:.3f}  {h.name}{model}  ({chans})  {' '.join(h.matched)}")
 
 
 def pick(args) -> None:

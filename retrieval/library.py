@@ -72,6 +72,9 @@ MODES = {
     "lexical": ("lexical",),
     "joint": ("joint",),
 }
+# Search results list a model's further versions after the next VERSION_SPREAD other models' best versions, so
+# the top three are three different LoRAs where the library has them (`LibraryIndex._versions_after`).
+VERSION_SPREAD = 2
 
 
 @dataclass
@@ -108,6 +111,7 @@ class Hit:
     raw: dict[str, float] = field(default_factory=dict)
     matched: list[str] = field(default_factory=list)
     trigger: str | None = None
+    model: str = ""          # the model this LoRA is a version of (`LibraryIndex.model_of`)
 
 
 @dataclass
@@ -422,6 +426,7 @@ class LibraryIndex:
         self.vectors["neighbours"].clear()
         self.members["neighbours"] = set()
         self.neighbour_sources = {}
+        self._models = None   # a LoRA without metadata is a version of its first source's model
         self._bg.pop("neighbours", None)   # the channel's background sample (query baselines) is rebuilt with it
         missing = [i for i in self.entries if i not in self._content]
         if missing:   # after an incremental refresh: the unchanged LoRAs' features again (catalog, else files)
@@ -475,9 +480,58 @@ class LibraryIndex:
                 out += [i for i in ids if self.entries[i].family in fams]
         return out
 
+    def model_of(self, id_: int) -> str:
+        """The model a LoRA is a version of, as a name: its metadata's model name (Civitai model, kohya output name
+        or modelspec title) and first trigger word, which the versions of one model share (with the description,
+        which must match too); for a LoRA without either, that of the LoRA with metadata nearest in weights (the
+        first source of its ``neighbours`` vector, `resembles`), else its own name."""
+        if self._models is None:
+            own = {}
+            for i, e in self.entries.items():
+                m = e.meta
+                if m.alias or e.trigger:
+                    own[i] = ((m.alias or "").lower(), (e.trigger or "").lower(), m.description.strip().lower())
+            self._models = {}
+            for i, e in self.entries.items():
+                src = next((j for j in self.neighbour_sources.get(i, []) if j in own), None)
+                key = own.get(i) or (own[src] if src is not None else None)
+                self._models[i] = key if key is not None else ("", "", f"#{i}")
+            names = {}
+            for i, key in own.items():
+                names.setdefault(key, self.entries[i].meta.alias or self.entries[i].trigger)
+            self._model_names = {i: names.get(key, self.entries[i].name) for i, key in self._models.items()}
+        return self._model_names.get(id_, "")
+
+    def _versions_after(self, hits: list[Hit], named: set[int] = frozenset(), spread: int = VERSION_SPREAD
+                        ) -> list[Hit]:
+        """`hits` with a model's further versions (`model_of`) each moved after the next `spread` other models'
+        best versions: the first results show different LoRAs, not one LoRA's ranks and seeds, and a version is
+        still listed close to where it scored. The `named` LoRAs (the prompt writes their trigger word) stay
+        where they are, first: the prompt asks for them."""
+        self.model_of(-1)   # (the cache)
+        out, waiting, seen = [], [], set()
+        for h in hits:
+            h.model = self._model_names.get(h.id, h.name)
+            key = self._models.get(h.id, ("", "", f"#{h.id}"))
+            if h.id in named:
+                out.append(h)
+                seen.add(key)
+                continue
+            if key in seen:
+                waiting.append([h, 0])
+                continue
+            seen.add(key)
+            out.append(h)
+            for w in waiting:
+                w[1] += 1
+            while waiting and waiting[0][1] >= spread:
+                out.append(waiting.pop(0)[0])
+        return out + [h for h, _ in waiting]
+
     def _forget_derived(self) -> None:
-        """Drop what is derived from the indexed set (categories, trigger map, score baselines) after a change."""
-        self._categories = self._trigger_map = None
+        """Drop what is derived from the indexed set (categories, trigger map, models, score baselines) after a
+        change."""
+        self._categories = self._trigger_map = self._models = None
         self._bg: dict[str, np.ndarray | None] = {}
 
     def _add(self, channel: str, ids: np.ndarray, vecs: np.ndarray, fams: Sequence[str]) -> None:
@@ -561,7 +615,8 @@ class LibraryIndex:
                depth: int | None = None) -> list[Hit]:
         """LoRAs for a prompt, best first. `mode`: fused, metadata, weights (neighbour transfer, else the encoder),
         encoder, meta, lexical or joint. In fused and metadata modes a LoRA whose trigger word the prompt writes
-        (`named`) ranks before the others, as it does in auto-pick."""
+        (`named`) ranks before the others, as it does in auto-pick, and the versions of one model (`model_of`)
+        after its first come after every other model's first."""
         return self.search_many([prompt], k, family, mode, depth)[0]
 
     def search_many(self, prompts: Sequence[str], k: int = 10, family: str | Sequence[str] | None = None,
@@ -625,6 +680,8 @@ class LibraryIndex:
             rank_key = (lambda h: (-h.raw.get(channels[0], -1.0), h.id)) if len(channels) == 1 else \
                 (lambda h: (h.id not in named, -h.score, h.id))
             hits.sort(key=rank_key)
+            if len(channels) > 1:   # modes that read metadata: one entry per model first, then other versions
+                hits = self._versions_after(hits, named)
             out.append(hits[:k])
         return out
 

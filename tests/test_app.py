@@ -112,7 +112,7 @@ def test_library_search_and_inspect(studio_app):
     hat = next(r for r in rows if r[0] == "hat_r4_s0")
     assert hat[2] == "tinyworld" and hat[5].startswith("hatzel") and hat[6] == "ok"
     hits = studio_app.search("a hat", 3)
-    assert hits and hits[0][0].startswith("hat_") and hits[0][2] == "hatzel"
+    assert hits and hits[0][0].startswith("hat_") and hits[0][3] == "hatzel" and hits[0][2] == "hatzel"   # model
     report, triggers, description, preview = studio_app.inspect("hat_r4_s0")
     assert "hat_r4_s0.safetensors" in report and "kohya" in report.lower()
     assert triggers.startswith("hatzel")

@@ -54,9 +54,10 @@ def test_build_persist_and_reopen(library, tmp_path):
     for p in (index.index_path, index.manifest_path, index.descriptor_path):
         assert p.is_file() and p.parent == cat.db_path.parent
     assert index.index_path.name == "catalog.sqlite.faiss"
-    hits = index.search("a floating ghost with a wavy hem", k=3, family="tinyworld")
+    hits = index.search("a floating ghost with a wavy hem", k=4, family="tinyworld")
     ghosts = {e.name for e in cat.all() if "ghost" in e.description and e.family == "tinyworld"}
-    assert {h.name for h in hits[:2]} == ghosts
+    # the two ghost LoRAs are versions of one model: the best first, the other after two other models
+    assert hits[0].name in ghosts and hits[3].name in ghosts and len({h.model for h in hits[:3]}) == 3
     again = LibraryIndex(cat, text_embedder=emb)
     report = again.refresh()
     assert not report.rebuilt and not report.changed
@@ -361,3 +362,39 @@ def test_manifest_entries_are_the_dataclass_fields():
     e = IndexedEntry(3, "zorbo_v1", "tinyworld", "s", Metadata("zorbo_v1", ["zorbo"], "an alien", ["alien"], "Zorbo"),
                      "/lib/zorbo_v1.safetensors")
     assert _entry_json(e) == {**asdict(e), "meta": asdict(e.meta)}
+
+
+def test_versions_of_one_model_are_listed_apart(library, tmp_path):
+    """Two ranks of one concept (one Civitai model: the same model name, trigger word and description) are versions
+    of one model; a LoRA without metadata is a version of the model its weights resemble most (its neighbours
+    vector's first source); fused search lists a model's further versions after the next two other models' best."""
+    from retrieval.library import Hit
+
+    cat, lib = _catalog(library[0], tmp_path)
+    by_concept = {}
+    for r in library[1]:
+        by_concept.setdefault(r["concept"], []).append(cat.get(r["name"]).id)
+    hat = read_lora(library[1][[r["concept"] for r in library[1]].index("hat")]["path"])
+    for m in hat.modules.values():   # a near copy of a hat LoRA, with no metadata at all
+        m.factors["up"] = m.factors["up"] * 1.01
+    hat.metadata = {}
+    write_lora(hat, lib / "bare_hat.safetensors")
+    cat.scan(lib)
+    index = LibraryIndex.open(cat, text_embedder=HashingEmbedder(64))
+    z1, z2 = by_concept["zorbo"]
+    assert index.model_of(z1) == index.model_of(z2) != index.model_of(by_concept["glimmet"][0])
+    bare = cat.get("bare_hat").id
+    assert index.entries[bare].trigger is None and index.resembles(bare, 1)
+    source = index.neighbour_sources[bare][0]
+    assert index.model_of(bare) == index.model_of(source) == index.model_of(by_concept["hat"][0])
+
+    def hit(i):
+        return Hit(i, index.entries[i].name, "tinyworld", 1.0)
+
+    g, h, k = by_concept["glimmet"][0], by_concept["hat"][0], by_concept["key"][0]
+    order = [x.id for x in index._versions_after([hit(i) for i in (z1, z2, g, h, k)])]
+    assert order == [z1, g, h, z2, k]
+    assert [x.id for x in index._versions_after([hit(i) for i in (z1, z2, g)])] == [z1, g, z2]   # none after
+    assert [x.id for x in index._versions_after([hit(i) for i in (z1, z2, g)], named={z1, z2})] == [z1, z2, g]
+    top = index.search("a round alien creature with two antennae", k=3, family="tinyworld")
+    assert len({x.model for x in top}) == 3 and all(x.model for x in top)
