@@ -105,8 +105,9 @@ class EncoderInputs:
     def to(self, dtype: torch.dtype) -> EncoderInputs:
         """The batch with its floating-point tensors in `dtype` (masks unchanged)."""
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return EncoderInputs({t: v.to(dtype) for t, v in self.US.items()}, {t: v.to(dtype) for t, v in self.V.items()},
-                             self.present, self.lognorm.to(dtype), cast(self.meta), self.meta_present, cast(self.blocks))
+        return EncoderInputs({t: v.to(dtype) for t, v in self.US.items()},
+                             {t: v.to(dtype) for t, v in self.V.items()}, self.present, self.lognorm.to(dtype),
+                             cast(self.meta), self.meta_present, cast(self.blocks))
 
     def select(self, idx) -> EncoderInputs:
         idx = torch.as_tensor(idx, dtype=torch.long)

@@ -484,18 +484,21 @@ class LibraryIndex:
         or modelspec title) or first trigger word, with the description: what the versions of one model share. A
         LoRA without either is a model of its own (grouping such LoRAs by the weights they resemble cost the
         second prompt set's fused R@3 0.05 over four descriptor draws on TinyWorld; `resembles` still says it)."""
+        entry = self._model_table().get(id_)
+        return entry[1] if entry is not None else ""
+
+    def _model_table(self) -> dict[int, tuple[tuple, str]]:
+        """{id: (what identifies its model, the model's name)}, made once per indexed set (see `model_of`)."""
         if self._models is None:
-            self._models, self._model_names = {}, {}
+            self._models = {}
             for i, e in self.entries.items():
                 m = e.meta
                 if m.alias or e.trigger:
-                    self._models[i] = ((m.alias or "").lower(), (e.trigger or "").lower(),
-                                       m.description.strip().lower())
-                    self._model_names[i] = m.alias or e.trigger
+                    key = ((m.alias or "").lower(), (e.trigger or "").lower(), m.description.strip().lower())
+                    self._models[i] = (key, m.alias or e.trigger)
                 else:
-                    self._models[i] = ("", "", f"#{i}")
-                    self._model_names[i] = e.name
-        return self._model_names.get(id_, "")
+                    self._models[i] = (("", "", f"#{i}"), e.name)
+        return self._models
 
     def _versions_after(self, hits: list[Hit], named: set[int] = frozenset(), spread: int = VERSION_SPREAD
                         ) -> list[Hit]:
@@ -503,11 +506,10 @@ class LibraryIndex:
         best versions: the first results show different LoRAs, not one LoRA's ranks and seeds, and a version is
         still listed close to where it scored. The `named` LoRAs (the prompt writes their trigger word) stay
         where they are, first: the prompt asks for them."""
-        self.model_of(-1)   # (the cache)
+        models = self._model_table()
         out, waiting, seen = [], [], set()
         for h in hits:
-            h.model = self._model_names.get(h.id, h.name)
-            key = self._models.get(h.id, ("", "", f"#{h.id}"))
+            key = models[h.id][0] if h.id in models else ("", "", f"#{h.id}")
             if h.id in named:
                 out.append(h)
                 seen.add(key)
@@ -610,8 +612,8 @@ class LibraryIndex:
                depth: int | None = None) -> list[Hit]:
         """LoRAs for a prompt, best first. `mode`: fused, metadata, weights (neighbour transfer, else the encoder),
         encoder, meta, lexical or joint. In fused and metadata modes a LoRA whose trigger word the prompt writes
-        (`named`) ranks before the others, as it does in auto-pick, and the versions of one model (`model_of`)
-        after its first come after every other model's first."""
+        (`named`) ranks before the others, as it does in auto-pick, and a model's further versions (`model_of`)
+        come after the next two other models' best (`VERSION_SPREAD`)."""
         return self.search_many([prompt], k, family, mode, depth)[0]
 
     def search_many(self, prompts: Sequence[str], k: int = 10, family: str | Sequence[str] | None = None,
@@ -671,7 +673,7 @@ class LibraryIndex:
                 if not cal:
                     continue
                 hits.append(Hit(i, e.name, e.family, total / max(weight_sum, 1e-9), cal, scores,
-                                matched.get(i, []), e.trigger))
+                                matched.get(i, []), e.trigger, self.model_of(i)))
             rank_key = (lambda h: (-h.raw.get(channels[0], -1.0), h.id)) if len(channels) == 1 else \
                 (lambda h: (h.id not in named, -h.score, h.id))
             hits.sort(key=rank_key)
@@ -693,7 +695,7 @@ class LibraryIndex:
                 continue
             e = self.entries[int(i)]
             hits.append(Hit(int(i), e.name, e.family, float(d), {channel: float(d)}, {channel: float(d)}, [],
-                            e.trigger))
+                            e.trigger, self.model_of(int(i))))
         return hits[:k]
 
     def vector(self, channel: str, id_: int) -> np.ndarray | None:
