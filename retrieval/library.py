@@ -62,7 +62,12 @@ DENSE = ("descriptor", "neighbours", "weights", "joint", "meta")
 # (`bench/retrieval.py`, 4 projection draws) weight 1 -> 0.25 took fused R@3 from 0.86 to 0.90 on paraphrase
 # prompts and R@1 from 0.54 to 0.62 on "<trigger> on a plain background, red circle, centred", with prompts that
 # name a trigger word or the concept's noun still all first (R@1 1.0; 0.96 with no BM25 at all).
-DEFAULT_FUSION = {"neighbours": 1.0, "weights": 1.0, "joint": 1.0, "meta": 1.0, "lexical": 0.25}
+# The neighbours channel (a LoRA's weights -> the metadata of the LoRAs they resemble) weighs half where the LoRA
+# has metadata of its own, which says the same first-hand (a LoRA without metadata has this channel alone, so
+# its score does not change): mean over 4 descriptor draws, fused R@3 / MRR 0.942 / 0.873 -> 0.976 / 0.885 on
+# the benchmark prompts and 0.885 / 0.775 -> 0.889 / 0.800 on the second set (0.25: 0.976 / 0.906, 0.875 / 0.798;
+# 0.75: 0.942 / 0.876, 0.885 / 0.783).
+DEFAULT_FUSION = {"neighbours": 0.5, "weights": 1.0, "joint": 1.0, "meta": 1.0, "lexical": 0.25}
 MODES = {
     "fused": ("joint|weights|neighbours", "meta", "lexical"),
     "metadata": ("meta", "lexical"),
