@@ -35,7 +35,7 @@ from torch import nn
 
 from studio.library.canonical import LoRA, ModuleLoRA, module_shapes, resolve_module
 
-from .layers import ADAPTABLE, LOWRANK, OFF, PATCHED, AdaptedLayer
+from .layers import ADAPTABLE, AdaptedLayer
 from .schedules import Binding, Merge, Pass, Schedule
 
 TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")

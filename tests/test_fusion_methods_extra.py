@@ -3,7 +3,6 @@ and K-LoRA (top-K selection per layer and step), on random TinyWorld-shaped mode
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest

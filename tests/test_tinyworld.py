@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from studio.tinyworld import catalog as cat
 from studio.tinyworld import train_lora
