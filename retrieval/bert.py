@@ -111,7 +111,7 @@ class BertEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.embeddings(ids)
-        # padded keys are not attended to (a float mask: bool masks take a slower SDPA path on the CPU)
+        # padded keys are not attended to: an additive mask, as BertModel builds it
         mask = torch.zeros(attention_mask.shape, dtype=x.dtype, device=x.device)
         mask = mask.masked_fill(attention_mask == 0, torch.finfo(x.dtype).min)[:, None, None, :]
         for layer in self.encoder.layer:
