@@ -1,8 +1,9 @@
 """Inference copies of small models in bfloat16 on CPUs with native bf16 units (AVX512-BF16 / AMX).
 
 The retrieval models (the packaged sentence model, the learned weight encoder) run batch inference over whole
-libraries on the CPU. Where the CPU multiplies bf16 natively, a bf16 copy of the model runs 2-3x faster at a
-cosine above 0.99 to the float32 vectors; elsewhere the float32 model runs. Every inference path of one model
+libraries on the CPU. Where the CPU multiplies bf16 natively, a bf16 copy runs faster at a cosine above 0.9999 to
+the float32 vectors (measured on this project's 2-core Xeon: MiniLM about 2x; the encoder's transformer 3x, its
+whole per-file indexing cost 8.9 -> 7.3 ms); elsewhere the float32 model runs. Every inference path of one model
 goes through the same copy, so vectors computed in a scan, an index rebuild or a query agree.
 """
 from __future__ import annotations

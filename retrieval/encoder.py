@@ -15,8 +15,8 @@ masked. A small transformer (with a CLS token) mixes them, mean pooling and a li
 L2-normalised. When the LoRA has metadata, its text embedding (through a small MLP) joins the pooled vector
 before the head; it is dropped at random during training, so weights alone still work, and one transformer
 pass gives both the weights-only and the with-metadata vector. Inference (`LoRAEncoder.encode`) runs a bf16 copy
-on CPUs with native bf16 (`retrieval.cpu_bf16`) through the attention's SDPA path (2-3x faster per batch than
-float32 through PyTorch's fused encoder-layer kernel, which gains nothing from bf16 here).
+on CPUs with native bf16 (`retrieval.cpu_bf16`) through the attention's SDPA path (its transformer 3x faster per
+batch than float32 through PyTorch's fused encoder-layer kernel, which gains nothing from bf16 here).
 
 Training (`train_encoder`) is contrastive (symmetric InfoNCE with a learned temperature) against a frozen text
 embedder — by default the base model's own text encoder — on (LoRA, caption) pairs whose captions come from the
