@@ -505,16 +505,15 @@ class LibraryIndex:
                     self._models[i] = (("", "", f"#{i}"), e.name)
         return self._models
 
-    def _versions_after(self, hits: list[Hit], named: set[int] = frozenset(), spread: int = VERSION_SPREAD
-                        ) -> list[Hit]:
-        """`hits` with a model's further versions (`model_of`) each moved after the next `spread` other models'
-        best versions: the first results show different LoRAs, not one LoRA's ranks and seeds, and a version is
+    def _versions_after(self, hits: list[Hit], named: set[int] = frozenset()) -> list[Hit]:
+        """`hits` with a model's further versions (`model_of`) each moved after the next `VERSION_SPREAD` other
+        models' best versions: the first results show different LoRAs, not one LoRA's ranks and seeds, and a version is
         still listed close to where it scored. The `named` LoRAs (the prompt writes their trigger word) stay
         where they are, first: the prompt asks for them."""
         models = self._model_table()
         out, waiting, seen = [], [], set()
         for h in hits:
-            key = models[h.id][0] if h.id in models else ("", "", f"#{h.id}")
+            key = models[h.id][0]
             if h.id in named:
                 out.append(h)
                 seen.add(key)
@@ -526,7 +525,7 @@ class LibraryIndex:
             out.append(h)
             for w in waiting:
                 w[1] += 1
-            while waiting and waiting[0][1] >= spread:
+            while waiting and waiting[0][1] >= VERSION_SPREAD:
                 out.append(waiting.pop(0)[0])
         return out + [h for h, _ in waiting]
 
