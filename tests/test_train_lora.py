@@ -55,3 +55,13 @@ def test_gang_member_canonical_factors():
     assert m["unet.mid_block.resnets.0.conv1"].factors["up"].shape == (12, 4, 1, 1)
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj" in m
     assert torch.equal(m["unet.mid_block.proj"].factors["down"], lin.down[1].T)
+
+
+def test_min_snr_weights():
+    from studio.tinyworld.train_lora import min_snr_weights
+
+    snr = torch.tensor([0.5, 1.0, 5.0, 20.0, 100.0])
+    assert torch.allclose(min_snr_weights(snr, 5.0), torch.tensor([1.0, 1.0, 1.0, 0.25, 0.05]))
+    assert torch.allclose(min_snr_weights(snr, 1.0), torch.tensor([1.0, 1.0, 0.2, 0.05, 0.01]))
+    assert torch.equal(min_snr_weights(snr, None), torch.ones(5))
+    assert torch.equal(min_snr_weights(snr, 0), torch.ones(5))
