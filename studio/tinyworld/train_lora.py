@@ -29,7 +29,8 @@ weight 1, CFG 7; `runs/` scratch scripts, summarised in the library issue's note
 
 Learning rate, length and loss weighting, measured on the 8 weakest concepts (40 samples each, `docs/MEASURED.md`):
 the committed recipe (lr 8e-3, 300 steps, Min-SNR gamma 5) gives mean concept 0.54, base 0.89; lr 4e-3 for 600
-steps 0.69 / 0.91; Min-SNR gamma 1 0.63 / 0.90; plain MSE (`min_snr_gamma=None`) 0.37; lr 1.6e-2 diverges.
+steps 0.69 / 0.91; Min-SNR gamma 1 0.63 / 0.90; both 0.75 / 0.91; plain MSE (`min_snr_gamma=None`) 0.37; lr 1.6e-2
+diverges. The committed library still has the first recipe's files (a rebuild is ~50 min on 2 cores).
 
 Files are saved in fp16 (kohya's ``--save_precision fp16``).
 
