@@ -382,6 +382,7 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
                                   "ss_network_args": json.dumps({"algo": "locon", "conv_dim": str(j.rank),
                                                                  "conv_alpha": str(alpha)} if network == "locon" else {}),
                                   "ss_noise_offset": str(j.noise_offset),
+                                  "ss_min_snr_gamma": str(min_snr_gamma),
                                   "ss_training_time_s": f"{seconds / n:.1f}"})
         Path(j.out).parent.mkdir(parents=True, exist_ok=True)
         out = write_lora(lora, j.out, format=j.format)
