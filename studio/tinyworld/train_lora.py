@@ -30,7 +30,7 @@ weight 1, CFG 7; `runs/` scratch scripts, summarised in the library issue's note
 Learning rate, length and loss weighting, measured on the 8 weakest concepts (40 samples each, `docs/MEASURED.md`):
 the committed recipe (lr 8e-3, 300 steps, Min-SNR gamma 5) gives mean concept 0.54, base 0.89; lr 4e-3 for 600
 steps 0.69 / 0.91; Min-SNR gamma 1 0.63 / 0.90; both 0.75 / 0.91; plain MSE (`min_snr_gamma=None`) 0.37; lr 1.6e-2
-diverges. The committed library still has the first recipe's files (a rebuild is ~50 min on 2 cores).
+diverges. The committed library is trained with the last (`build_library`'s HEADLINE_* settings).
 
 Files are saved in fp16 (kohya's ``--save_precision fp16``).
 
@@ -141,12 +141,10 @@ class LoRAJob:
     n_images: int = 1500
     base_share: float = 0.3
     content: dict | None = None
-    # kohya's --noise_offset. The committed headline LoRAs were trained at 0.1 on the base's first stage (before its
-    # offset-0.3 fine-tune); judged before the judge learned VAE round trips, they scored mean concept 0.64 on the
-    # fine-tuned base and a retrain on it at 0.3 scored 0.53 (clothing 0.25 vs 0.49): they were kept, and 0.1 stays
-    # the default. (With today's judge they score 0.731: bench/results/single_lora.json.) Longer training does not
-    # help: six of the weakest retrained 900 steps instead of 300 lost their base attributes (base_rate 0.38-0.73)
-    # and most gained no concept (starfield 0.95, scarf 0.05).
+    # kohya's --noise_offset. A retrain at 0.3 (the base's own fine-tune offset) scored mean concept 0.53 against 0.64
+    # at 0.1 (clothing 0.25 vs 0.49), so 0.1 stays. Longer training alone does not help: six of the weakest trained
+    # 900 steps at lr 8e-3 lost their base attributes (base_rate 0.38-0.73); a smaller learning rate for twice the
+    # steps does (the headline recipe in `build_library`: lr 4e-3, 600 steps, Min-SNR gamma 1).
     noise_offset: float = 0.1
     uncond_share: float = 0.6   # share of the base-only renders captioned "" (keeps the LoRA out of CFG's uncond)
     extra: dict = field(default_factory=dict)
