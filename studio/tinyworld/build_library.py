@@ -6,8 +6,8 @@ Resumable: a file that exists is skipped. LoRAs of one rank train together in ga
 LoRA trained in a gang equals the same LoRA trained alone). Headline LoRAs go to
 `assets/loras/<concept>.safetensors` (kohya, full metadata, `.civitai.info` sidecar), resized after training
 as kohya's `resize_lora.py --dynamic_method sv_fro 0.95` would (half the bytes; `assets/` stays under 60 MB):
-TinyWorld's default library, the curated set a user would keep, trained with the HEADLINE_* recipe below (~56 min on 2 cores as two
-`--shard K/2 --threads 1` processes). Community variants go to `runs/community/`
+TinyWorld's default library, the curated set a user would keep, trained with the HEADLINE_* recipe below
+(~56 min on 2 cores as two `--shard K/2 --threads 1` processes). Community variants go to `runs/community/`
 (git-ignored: the benchmarks' "downloaded from Civitai" pile for retrieval and clustering, built on demand by
 `--only community` and `--only style_content`, ~17 min on 2 cores; not committed, to keep the repository small) with ranks 4-32 (skewed small), two per concept, other seeds, step counts and alphas, some in diffusers format
 and some with no metadata at all, and style LoRAs trained on narrow, different content (one shape and colour
@@ -97,7 +97,11 @@ def main(argv=None):
                     "on 2 cores, two processes of --threads 1 train 1.5x faster than one of 2 threads)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    shard, n_shards = (int(x) for x in args.shard.split("/"))
+    try:
+        shard, n_shards = (int(x) for x in args.shard.split("/"))
+        assert 0 <= shard < n_shards
+    except (ValueError, AssertionError):
+        ap.error(f"--shard {args.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2 and 1/2 for two processes")
     gangs = [(steps, [j for j in jobs if args.only in (None, j.extra["kind"])]) for steps, jobs in plan()]
     labels = json.loads(LABELS.read_text()) if LABELS.exists() else {}
     concepts = {c.name: c for c in CONCEPTS}

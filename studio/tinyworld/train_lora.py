@@ -28,7 +28,7 @@ weight 1, CFG 7; `runs/` scratch scripts, summarised in the library issue's note
   uncond pass runs without LoRAs, and they were the only methods that showed concepts with the older LoRAs.
 
 Learning rate, length and loss weighting, measured on the 8 weakest concepts (40 samples each, `docs/MEASURED.md`):
-the committed recipe (lr 8e-3, 300 steps, Min-SNR gamma 5) gives mean concept 0.54, base 0.89; lr 4e-3 for 600
+the first recipe (lr 8e-3, 300 steps, Min-SNR gamma 5) gives mean concept 0.54, base 0.89; lr 4e-3 for 600
 steps 0.69 / 0.91; Min-SNR gamma 1 0.63 / 0.90; both 0.75 / 0.91; plain MSE (`min_snr_gamma=None`) 0.37; lr 1.6e-2
 diverges. The committed library is trained with the last (`build_library`'s HEADLINE_* settings).
 
