@@ -97,10 +97,9 @@ def main(argv=None):
                     "on 2 cores, two processes of --threads 1 train 1.5x faster than one of 2 threads)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    try:
-        shard, n_shards = (int(x) for x in args.shard.split("/"))
-        assert 0 <= shard < n_shards
-    except (ValueError, AssertionError):
+    k, _, n = args.shard.partition("/")
+    shard, n_shards = (int(k), int(n)) if k.isdigit() and n.isdigit() else (0, 0)
+    if not shard < n_shards:
         ap.error(f"--shard {args.shard!r}: expected K/N with 0 <= K < N, e.g. 0/2 and 1/2 for two processes")
     gangs = [(steps, [j for j in jobs if args.only in (None, j.extra["kind"])]) for steps, jobs in plan()]
     labels = json.loads(LABELS.read_text()) if LABELS.exists() else {}
