@@ -20,7 +20,10 @@ LoRAs describes, ranked weights-only against prompts in other words, R@3 0.25 wi
 (`retrieval.encoder`), and far higher by neighbour transfer. The Gram at 32 rows instead of the descriptor's 8
 raised the mean R@3 over 8 random splits from 0.738 to 0.769 (0.651 to 0.671 on the second prompt set) with the
 committed projections; averaged over 4 draws of the projections, from 0.71 (draws 0.69-0.74, measured by swapping
-the 8-row projection by hand) to 0.78 (0.75-0.80, "projection_draws" in the benchmark's JSON).
+the 8-row projection by hand) to 0.78 (0.75-0.80, "projection_draws" in the benchmark's JSON). Those figures are
+from a library where most LoRAs shared an initialisation with others; rebuilt with one seed per file (as different
+trainers' files are) the mean over 8 splits is 0.66 (0.65 over 4 draws): LoRAs of one concept trained from
+different seeds have nearly unrelated ΔW (`bench/lora_overlap.py`), and the Gram does not fully undo that.
 """
 from __future__ import annotations
 
