@@ -55,10 +55,10 @@ def file_seed(out: str) -> int:
     one uploader's batch with a fixed seed shares one. The seed shapes the weights far more than it seems: on
     the library built before (every headline LoRA seed 0, community variants 100 / 101, style variants by content),
     LoRAs of different concepts from one seed overlapped in ΔW's input subspace 0.44 on average (0.83-0.93 within a
-    rank-4 batch), LoRAs from different seeds 0.09, chance 0.08 (`bench/lora_overlap.py`). So the headline LoRAs
-    (what compositions are measured on) and the style variants each get their own seed, and the community ``v1``
-    variants stay one uploader's fixed-seed batch (`COMMUNITY_BATCH_SEED`): the shared-initialisation case that
-    retrieval and clustering take out (`retrieval.shared_init`)."""
+    rank-4 batch), LoRAs from different seeds 0.09, chance 0.08 (`bench/lora_overlap.py`). So every file gets its
+    own seed except the community ``v1`` variants, which stay one uploader's fixed-seed batch
+    (`COMMUNITY_BATCH_SEED`): the shared-initialisation case that retrieval and clustering take out
+    (`retrieval.shared_init`)."""
     return zlib.crc32(Path(out).stem.encode()) % 1_000_000
 
 
@@ -93,7 +93,7 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
             for v, content in enumerate(STYLE_CONTENTS[:2] if rank == 4 else STYLE_CONTENTS[2:]):
                 tag = f"{content['subject']}_{content['color']}"
                 gang.append(LoRAJob(c.name, str(COMMUNITY / f"{c.name}_on_{tag}_r{rank}.safetensors"),
-                                    rank=rank, alpha=float(rank), seed=file_seed(f"{c.name}_on_{tag}_r{rank}"),
+                                    rank=rank, alpha=float(rank), seed=file_seed(f"{c.name}_on_{tag}_r{rank}.safetensors"),
                                     n_images=800,
                                     content=content, bare=v == 1, extra={"kind": "style_content"}))
         gangs.append((steps, gang))
