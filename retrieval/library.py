@@ -62,12 +62,14 @@ DENSE = ("descriptor", "neighbours", "weights", "joint", "meta")
 # (`bench/retrieval.py`, 4 projection draws) weight 1 -> 0.25 took fused R@3 from 0.86 to 0.90 on paraphrase
 # prompts and R@1 from 0.54 to 0.62 on "<trigger> on a plain background, red circle, centred", with prompts that
 # name a trigger word or the concept's noun still all first (R@1 1.0; 0.96 with no BM25 at all).
-# The neighbours channel (a LoRA's weights -> the metadata of the LoRAs they resemble) weighs half where the LoRA
-# has metadata of its own, which says the same first-hand (a LoRA without metadata has this channel alone, so
-# its score does not change): mean over 4 descriptor draws, fused R@3 / MRR 0.942 / 0.873 -> 0.976 / 0.885 on
-# the benchmark prompts and 0.885 / 0.775 -> 0.889 / 0.800 on the second set (0.25: 0.976 / 0.906, 0.875 / 0.798;
-# 0.75: 0.942 / 0.876, 0.885 / 0.783).
-DEFAULT_FUSION = {"neighbours": 0.5, "weights": 1.0, "joint": 1.0, "meta": 1.0, "lexical": 0.25}
+# The neighbours channel (a LoRA's weights -> the metadata of the LoRAs they resemble) has weight
+# `DEFAULT_FUSION["neighbours"]` where a LoRA has metadata of its own, which says the same first-hand, and weight 1
+# where it has none (there the channel is all the LoRA has); 0: it counts only for LoRAs without metadata. On
+# TinyWorld's library with one seed per file (most LoRAs independently initialised, `bench/retrieval.py`), weight
+# 0.5 / 0.25 / 0 gave fused R@3 / MRR 0.923 / 0.822, 0.981 / 0.890, 0.962 / 0.905 on the benchmark prompts and
+# 0.865 / 0.751, 0.865 / 0.751, 0.885 / 0.801 on the second set (0 over 4 projection draws: R@3 0.971 / 0.889).
+# On the earlier library, where most LoRAs shared a seed with others, 0.5 had been best (0.976 / 0.885 over 4 draws).
+DEFAULT_FUSION = {"neighbours": 0.0, "weights": 1.0, "joint": 1.0, "meta": 1.0, "lexical": 0.25}
 MODES = {
     "fused": ("joint|weights|neighbours", "meta", "lexical"),
     "metadata": ("meta", "lexical"),
@@ -660,6 +662,7 @@ class LibraryIndex:
                 if e is None or e.family not in fams:
                     continue  # cannot happen with per-family indices; kept as a guard
                 cal, weight_sum, total = {}, 0.0, 0.0
+                meta_ids = self.members.get("meta", ())
                 for ch in channels:
                     if ch == "lexical":
                         if not lexical_live:
@@ -671,7 +674,7 @@ class LibraryIndex:
                         continue  # this LoRA has nothing in this channel (e.g. no metadata)
                     c = self.calibrated(ch, s, baseline[ch][qi] if ch in baseline else None)
                     cal[ch] = c
-                    w = self.fusion.get(ch, 1.0)
+                    w = self.fusion.get(ch, 1.0) if ch != "neighbours" or i in meta_ids else 1.0
                     weight_sum += w
                     total += w * c
                 if not cal:
