@@ -637,6 +637,7 @@ class LibraryIndex:
             if bg is not None:
                 baseline[ch] = np.median(Q @ bg.T, axis=1)
         out = []
+        meta_ids = self.members.get("meta", ())   # the neighbours channel's weight depends on it (DEFAULT_FUSION)
         for qi, prompt in enumerate(prompts):
             raw: dict[int, dict[str, float]] = {}
             floors: dict[str, float] = {}
@@ -662,7 +663,6 @@ class LibraryIndex:
                 if e is None or e.family not in fams:
                     continue  # cannot happen with per-family indices; kept as a guard
                 cal, weight_sum, total = {}, 0.0, 0.0
-                meta_ids = self.members.get("meta", ())
                 for ch in channels:
                     if ch == "lexical":
                         if not lexical_live:
