@@ -642,6 +642,12 @@ class StudioApp:
     # ---------------------------------------------------------------- layout
     def build(self) -> gr.Blocks:
         method_choices = ["auto"] + methods()
+        # The LoRA dropdowns start with the library's names: Gradio checks a dropdown's input against the choices
+        # of the caller's session, and an API client (gradio_client) fires no page-load event, so with empty
+        # initial choices its /add_lora and /inspect would refuse every LoRA until it called /library or /rescan.
+        # The page load, /rescan and /upload still refresh them per session. Only read when the Studio is loaded
+        # (`warm_up`, as `main` does): laying out the page never loads a model.
+        lora_choices = self.call(self._names) if self._studio is not None else []
         with gr.Blocks(title="LoRA Studio", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
             gr.Markdown("## LoRA Studio\nCompose LoRAs on "
                         f"**{self.model.name if self.model else 'TinyWorld'}**; library `{self.library}`.")
@@ -661,7 +667,8 @@ class StudioApp:
                         gr.Markdown("Block presets: " + ", ".join(f"`{p}`" for p in presets()) +
                                     ". Start / stop: 1-indexed steps, or a fraction of the run in (0, 1).")
                         with gr.Row():
-                            add_name = gr.Dropdown(label="Library LoRA", choices=[], allow_custom_value=False)
+                            add_name = gr.Dropdown(label="Library LoRA", choices=lora_choices, value=None,
+                                                   allow_custom_value=False)
                             add = gr.Button("Add")
                             remove = gr.Button("Remove")
                         with gr.Row():
@@ -695,7 +702,7 @@ class StudioApp:
                 refresh_lib = gr.Button("Rescan")
                 with gr.Row():
                     with gr.Column():
-                        which = gr.Dropdown(label="LoRA", choices=[])
+                        which = gr.Dropdown(label="LoRA", choices=lora_choices, value=None)
                         show = gr.Button("Inspect")
                         preview = gr.Image(label="Preview", type="pil", interactive=False)
                         triggers = gr.Textbox(label="Trigger words", interactive=False)

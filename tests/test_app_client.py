@@ -99,6 +99,22 @@ def test_retrieve_add_and_remove_rows(served):
     assert sorted(r[0] for r in rows3["data"]) == ["stripes_r4_s0", "zorbo_r4_s0"]
 
 
+def test_a_fresh_client_can_add_and_inspect_without_the_page_load(served):
+    """An API client fires no page-load event: the LoRA dropdowns must already admit the library's names for a
+    session that never called /library or /rescan (they used to start empty, so this depended on test order)."""
+    _, demo, _, tmp = served
+    fresh = Client(demo.local_url, verbose=False, download_files=str(tmp / "downloads_fresh"))
+    try:
+        rows, prompt = fresh.predict("a cat", table([]), "stripes_r4_s0", api_name="/add_lora")
+        assert [r[0] for r in rows["data"]] == ["stripes_r4_s0"] and "strypo" in prompt
+        report, triggers, _, _ = fresh.predict("hat_r4_s0", api_name="/inspect")
+        assert "hat_r4_s0.safetensors" in report and triggers.startswith("hatzel")
+        with pytest.raises(Exception, match="not in the list of choices"):  # still library LoRAs only
+            fresh.predict("a cat", table([]), "nosuch", api_name="/add_lora")
+    finally:
+        fresh.close()
+
+
 def test_generate_and_select_recipe(served):
     _, _, client, _ = served
     rows = table([["zorbo_r4_s0", 0.8, "", None, None], ["hat_r4_s0", 1.0, "", None, None]])
