@@ -65,3 +65,32 @@ def test_min_snr_weights():
     assert torch.allclose(min_snr_weights(snr, 1.0), torch.tensor([1.0, 1.0, 0.2, 0.05, 0.01]))
     assert torch.equal(min_snr_weights(snr, None), torch.ones(5))
     assert torch.equal(min_snr_weights(snr, 0), torch.ones(5))
+
+
+def test_disabled_gang_layers_compute_the_base_layer():
+    """`masked_prior` training reads the base model's prediction through the same modules with the LoRAs off."""
+    for cls, base, x in ((GangLoRALinear, nn.Linear(16, 24), torch.randn(6, 5, 16)),
+                         (GangLoRAConv2d, nn.Conv2d(8, 12, 3, padding=1), torch.randn(6, 8, 7, 7))):
+        gang, _ = _gang_and_solos(cls, base, n=3)
+        assert not torch.allclose(gang(x), base(x), atol=1e-4)
+        gang.enabled = False
+        assert torch.equal(gang(x), base(x))
+
+
+def test_concept_masks_mark_the_concepts_own_pixels():
+    """The masks of `masked_prior` training: the pixels a concept changed, from the same images as `concept_set`."""
+    from studio.tinyworld.train_lora import _shows, concept_set, concept_set_with_masks, latent_masks
+
+    for concept, lo, hi in (("scarf", 0.005, 0.10), ("tree", 0.01, 0.15), ("checker", 0.6, 0.98)):
+        imgs, comps, masks = concept_set_with_masks(concept, 24, seed=3, base_share=0.25)
+        same, _ = concept_set(concept, 24, seed=3, base_share=0.25)
+        assert (imgs == same).all()
+        shown = [_shows(c, concept) for c in comps]
+        assert 0 < sum(shown) < 24
+        assert not masks[[not s for s in shown]].any()           # base-only renders: no pixel
+        share = masks[shown].mean(axis=(1, 2))
+        assert lo < share.mean() < hi, (concept, share.mean())
+        assert (share > 0).all()
+        lat = latent_masks(masks, factor=4, dilate=0)
+        assert lat.shape == (24, 1, 16, 16) and set(lat.unique().tolist()) <= {0.0, 1.0}
+        assert lat.mean() >= masks.mean()                         # any pixel of a block puts the block in

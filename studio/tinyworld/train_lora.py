@@ -32,6 +32,10 @@ the first recipe (lr 8e-3, 300 steps, Min-SNR gamma 5) gives mean concept 0.54, 
 steps 0.69 / 0.91; Min-SNR gamma 1 0.63 / 0.90; both 0.75 / 0.91; plain MSE (`min_snr_gamma=None`) 0.37; lr 1.6e-2
 diverges. The committed library is trained with the last (`build_library`'s HEADLINE_* settings).
 
+Masked prior preservation (`LoRAJob.masked_prior`: the true noise as target only on the concept's own pixels, the
+base model's prediction elsewhere) kept four LoRAs' single-LoRA rates and did not stop the character drowning in
+compositions (docs/MEASURED.md, "Masked prior preservation"); the library is not trained with it.
+
 Files are saved in fp16 (kohya's ``--save_precision fp16``).
 
 Data: single-concept renders (the concept on random base compositions) captioned with the concept's
@@ -43,6 +47,7 @@ sidecar with description and tags (`--bare` writes neither: a file with no metad
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import json
 import random
@@ -85,17 +90,51 @@ def concept_set(concept: str, n: int, seed: int, base_share: float,
     """Renders of `concept` on random base compositions (`content` fixes some of their fields, e.g.
     ``{"subject": "circle", "color": "red"}``: a LoRA trained on narrow content), plus a `base_share` of
     base-only renders."""
-    rng = random.Random(seed)
+    imgs, comps, _ = concept_set_with_masks(concept, n, seed, base_share, content, masks=False)
+    return imgs, comps
 
-    def concept_sample() -> Composition:
+
+def concept_set_with_masks(concept: str, n: int, seed: int, base_share: float, content: dict | None = None,
+                           masks: bool = True) -> tuple[np.ndarray, list[Composition], np.ndarray | None]:
+    """`concept_set` plus, per render, the pixels the concept changed (bool (n, 64, 64)): the same composition
+    drawn again without the concept from the same random state, compared pixel by pixel (a base-only render:
+    no pixel). The same images as `concept_set` (the masks' renders draw from copies of the random state)."""
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(n):
+        if rng.random() < base_share:
+            pairs.append((sample_base(rng), None))
+            continue
         comp = sample_base(rng)
         for key, value in (content or {}).items():
             setattr(comp, key, value)
-        return with_concept(comp, concept)
+        pairs.append((with_concept(dataclasses.replace(comp), concept), comp))
+    imgs, diff = [], []
+    for comp, without in tqdm(pairs, desc=f"render {concept}", leave=False):
+        state = rng.getstate()
+        imgs.append(render(comp, rng=rng))
+        if masks:
+            if without is None:
+                diff.append(np.zeros(imgs[-1].shape[:2], bool))
+            else:
+                again = random.Random()
+                again.setstate(state)
+                plain = render(without, rng=again)
+                diff.append(np.abs(imgs[-1].astype(np.int16) - plain).max(axis=-1) > 8)
+    return np.stack(imgs), [c for c, _ in pairs], (np.stack(diff) if masks else None)
 
-    comps = [sample_base(rng) if rng.random() < base_share else concept_sample() for _ in range(n)]
-    imgs = np.stack([render(c, rng=rng) for c in tqdm(comps, desc=f"render {concept}", leave=False)])
-    return imgs, comps
+
+MASK_DILATE = 1   # latent pixels a concept's mask grows by in ``masked_prior`` training
+
+
+def latent_masks(pixel_masks: np.ndarray, factor: int = 4, dilate: int = 1) -> torch.Tensor:
+    """Pixel masks (n, H, W) to latent masks (n, 1, H/f, W/f) float: a latent pixel is in when any of its f x f
+    pixels is, then grown by `dilate` latent pixels (the VAE's receptive field reaches past the block)."""
+    m = torch.from_numpy(pixel_masks).float().unsqueeze(1)
+    m = F.max_pool2d(m, factor)
+    if dilate:
+        m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
+    return m
 
 
 def lora_metadata(concept: str, rank: int, alpha: float, steps: int, seed: int, captions: list[str]) -> dict:
@@ -147,6 +186,8 @@ class LoRAJob:
     # steps does (the headline recipe in `build_library`: lr 4e-3, 600 steps, Min-SNR gamma 1).
     noise_offset: float = 0.1
     uncond_share: float = 0.6   # share of the base-only renders captioned "" (keeps the LoRA out of CFG's uncond)
+    # the loss target outside the concept's own pixels is the base model's prediction (see `train_loras`)
+    masked_prior: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -165,8 +206,11 @@ class GangLoRALinear(torch.nn.Module):
             [torch.randn(base.in_features, rank, generator=g) / rank for g in generators]))
         self.up = torch.nn.Parameter(torch.zeros(len(scales), rank, base.out_features))
         self.register_buffer("scales", torch.tensor(scales).view(-1, 1, 1))
+        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         n = self.down.shape[0]
         h = torch.bmm(x.reshape(n, -1, x.shape[-1]), self.down)
         return self.base(x) + (torch.bmm(h, self.up) * self.scales).reshape(*x.shape[:-1], -1)
@@ -185,8 +229,11 @@ class GangLoRAConv2d(torch.nn.Module):
             [torch.randn(rank, cin, *k, generator=g) / (rank * fan_in ** 0.5 / cin ** 0.5) for g in generators]))
         self.up = torch.nn.Parameter(torch.zeros(n, base.out_channels, rank, 1, 1))
         self.register_buffer("scales", torch.tensor(scales).view(n, 1, 1, 1, 1))
+        self.enabled = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return self.base(x)
         n, b = self.down.shape[0], x.shape[0] // self.down.shape[0]
         base = self.base
         xg = x.reshape(n, b, *x.shape[1:]).transpose(0, 1).reshape(b, n * x.shape[1], *x.shape[2:])
@@ -291,7 +338,13 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
                 min_snr_gamma: float | None = 5.0) -> list[str]:
     """Train `jobs` (same rank) jointly for `steps` steps; write each file; return the written paths. On
     ``device="cuda"`` the VAE encodes and the UNet and text encoder train there under bf16 autocast; data, noise
-    and timesteps still come from each LoRA's CPU generators (the same draws as on the CPU)."""
+    and timesteps still come from each LoRA's CPU generators (the same draws as on the CPU).
+
+    A job with ``masked_prior``: the loss target is the true noise only where the concept changed the picture (the render
+    against the same composition drawn without it, `concept_set_with_masks`); everywhere else, and on the
+    base-only renders, it is the base model's own prediction for the same noisy latent and caption (prior
+    preservation by distillation, as kohya's masked loss plus regularisation images generated by the base). The
+    LoRA learns its concept's pixels and nothing else: it stops redrawing the subject it was trained on."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -320,11 +373,16 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
     te.to(device)
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
 
-    data = []
+    masked_prior = any(j.masked_prior for j in jobs)
+    data, masks = [], []
     for j in jobs:
-        imgs, comps = concept_set(j.concept, j.n_images, j.seed + 1000, j.base_share, j.content)
+        imgs, comps, pixel_masks = concept_set_with_masks(j.concept, j.n_images, j.seed + 1000, j.base_share,
+                                                          j.content, masks=j.masked_prior)
         mean, std = (torch.from_numpy(a.astype(np.float32)) for a in encode_latents(vae, imgs))
         data.append((mean, std, comps, random.Random(j.seed), torch.Generator().manual_seed(j.seed + 1)))
+        if masked_prior:   # a job without it: the true noise everywhere (mask 1)
+            masks.append(latent_masks(pixel_masks, factor=imgs.shape[1] // mean.shape[-1], dilate=MASK_DILATE)
+                         if j.masked_prior else torch.ones(len(comps), 1, *mean.shape[-2:]))
     scale = vae.config.scaling_factor
     del vae
     is_base = [[not _shows(c, j.concept) for c in comps] for j, (_, _, comps, _, _) in zip(jobs, data)]
@@ -334,9 +392,11 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
     t0 = time.time()
     desc = jobs[0].concept if n == 1 else f"{n} loras r{jobs[0].rank}"
     for step in tqdm(range(steps), desc=f"train {desc}"):
-        zs, noises, ts, caps = [], [], [], []
+        zs, noises, ts, caps, ms = [], [], [], [], []
         for k, (mean, std, comps, rng, g) in enumerate(data):   # every draw from the LoRA's own generators
             idx = torch.randint(0, len(comps), (batch_per_lora,), generator=g)
+            if masked_prior:
+                ms.append(masks[k][idx])
             chunk = [caption(comps[i], rng) for i in idx.tolist()]
             if jobs[k].uncond_share:
                 chunk = ["" if is_base[k][i] and rng.random() < jobs[k].uncond_share else cap
@@ -355,11 +415,21 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
         zt = noise_sched.add_noise(z, noise, t)
         w = min_snr_weights(snr[t], min_snr_gamma)
         zt, noise, t, w, ids = (x.to(device) for x in (zt, noise, t, w, ids))
+        target = noise
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            if masked_prior:   # the base model's prediction outside the concept's pixels
+                for g in (*wrapped.values(), *text.values()):
+                    g.enabled = False
+                with torch.no_grad():
+                    prior = unet(zt, t, te(ids)[0]).sample.float()
+                for g in (*wrapped.values(), *text.values()):
+                    g.enabled = True
+                m = torch.cat(ms).to(device)
+                target = m * noise + (1 - m) * prior
             with torch.set_grad_enabled(bool(text)):
                 cond = te(ids)[0]
             pred = unet(zt, t, cond).sample
-        per_sample = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * w
+        per_sample = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3)) * w
         loss = per_sample.view(n, batch_per_lora).mean(dim=1).sum()   # each LoRA: the mean over its own chunk
         step_lr = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for group in opt.param_groups:
@@ -381,6 +451,7 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
                                                                  "conv_alpha": str(alpha)} if network == "locon" else {}),
                                   "ss_noise_offset": str(j.noise_offset),
                                   "ss_min_snr_gamma": str(min_snr_gamma),
+                                  "ss_masked_loss": str(j.masked_prior),
                                   "ss_training_time_s": f"{seconds / n:.1f}"})
         Path(j.out).parent.mkdir(parents=True, exist_ok=True)
         out = write_lora(lora, j.out, format=j.format)
@@ -411,11 +482,14 @@ def main(argv=None):
     ap.add_argument("--device", default="cpu", help="cpu or cuda (bf16 autocast)")
     ap.add_argument("--min-snr-gamma", type=float, default=5.0,
                     help="Min-SNR loss weight min(SNR, gamma) / SNR, as kohya's --min_snr_gamma; 0: plain MSE")
+    ap.add_argument("--masked-prior", action="store_true",
+                    help="learn only the concept's pixels: elsewhere the target is the base model's prediction")
     args = ap.parse_args(argv)
     outs = ([args.out] if len(args.concept) == 1 and args.out.endswith(".safetensors")
             else [str(Path(args.out) / f"{c}.safetensors") for c in args.concept])
     jobs = [LoRAJob(c, o, rank=args.rank, alpha=args.alpha, seed=args.seed, format=args.format, bare=args.bare,
-                    n_images=args.n_images, base_share=args.base_share) for c, o in zip(args.concept, outs)]
+                    n_images=args.n_images, base_share=args.base_share, masked_prior=args.masked_prior)
+            for c, o in zip(args.concept, outs)]
     train_loras(jobs, steps=args.steps, batch_per_lora=args.batch, lr=args.lr, model=args.model,
                 threads=args.threads, device=args.device, min_snr_gamma=args.min_snr_gamma or None)
 
