@@ -3,6 +3,11 @@
     python bench/compose.py                                  # every method, N = 2..5, 60 sets each
     python bench/compose.py --n-sets 2 --methods cmlora      # a quick partial run (its own output file)
 
+On 2 cores, two 1-thread processes finish sooner than one of 2 threads:
+    python bench/compose.py --fresh --threads 1 --methods merge,blockwise,gated,klora &
+    python bench/compose.py --fresh --threads 1 --methods switch,composite,cmlora --no-alone --out runs/compose/b.json
+    python bench/compose.py --methods merge --include runs/compose/b.json   # both in bench/results/compose.json
+
 Every set has exactly one character LoRA plus 1-4 LoRAs of other categories (clothing, style, background,
 object; at most one per category), N = 2..5 LoRAs, on a random base composition (shape colour, size,
 position, plain background) captioned with every LoRA's trigger word. Sets and seeds are fixed (set k of N: seed
@@ -248,6 +253,10 @@ def main(argv=None):
                     help="skip the each-LoRA-alone reference (N images per set; reused from the output file)")
     ap.add_argument("--rerun", action="store_true",
                     help="measure --methods again even where the output file has them (e.g. timings on a quiet machine)")
+    ap.add_argument("--include", nargs="*", default=[],
+                    help="result files of other runs of this script with the same settings (e.g. a second process "
+                         "measuring other --methods; two 1-thread processes on 2 cores): their methods, alone "
+                         "reference and frequency scores are taken in, not measured again")
     ap.add_argument("--available-only", action="store_true",
                     help="draw sets only from LoRAs already in the library (partial runs while it builds)")
     args = ap.parse_args(argv)
@@ -286,6 +295,18 @@ def main(argv=None):
             report = old
     report["machine"] = machine()
     report["settings"] = settings
+    for part in args.include:
+        other = json.loads(Path(part).read_text())
+        if other.get("settings") != settings:
+            ap.error(f"--include {part}: measured with other settings {other.get('settings')}, not {settings}")
+        for method, by_n in other.get("methods", {}).items():
+            for n, res in by_n.items():
+                report["methods"].setdefault(method, {}).setdefault(n, res)
+        for n, res in other.get("alone", {}).items():
+            report.setdefault("alone", {}).setdefault(n, res)
+        for key in ("frequency_scores", "frequency_seconds"):
+            if key in other and key not in report:
+                report[key] = other[key]
 
     studio = Studio(library=args.library)
     judge = JudgeModel()
