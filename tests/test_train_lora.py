@@ -94,3 +94,8 @@ def test_concept_masks_mark_the_concepts_own_pixels():
         lat = latent_masks(masks, factor=4, dilate=0)
         assert lat.shape == (24, 1, 16, 16) and set(lat.unique().tolist()) <= {0.0, 1.0}
         assert lat.mean() >= masks.mean()                         # any pixel of a block puts the block in
+        assert latent_masks(masks, factor=4, dilate=1).mean() > lat.mean()
+        behind = latent_masks(masks, factor=4, behind=True)      # a background: only blocks it fills
+        assert behind.mean() <= masks.mean() and (behind <= lat).all()
+        if concept == "checker":   # the subject's blocks are left to the base model
+            assert 0.05 < 1 - behind[shown].mean() < 0.4

@@ -127,10 +127,14 @@ def concept_set_with_masks(concept: str, n: int, seed: int, base_share: float, c
 MASK_DILATE = 1   # latent pixels a concept's mask grows by in ``masked_prior`` training
 
 
-def latent_masks(pixel_masks: np.ndarray, factor: int = 4, dilate: int = 1) -> torch.Tensor:
-    """Pixel masks (n, H, W) to latent masks (n, 1, H/f, W/f) float: a latent pixel is in when any of its f x f
-    pixels is, then grown by `dilate` latent pixels (the VAE's receptive field reaches past the block)."""
+def latent_masks(pixel_masks: np.ndarray, factor: int = 4, dilate: int = 1, behind: bool = False) -> torch.Tensor:
+    """Pixel masks (n, H, W) to latent masks (n, 1, H/f, W/f) float. A latent pixel shared by the concept and
+    what lies in front of it belongs to the front layer: for a concept drawn on top (clothing, object, style,
+    character) a latent pixel is in when any of its f x f pixels is, then grown by `dilate` latent pixels (the
+    VAE's receptive field reaches past the block); for a background (`behind`) only when all of them are."""
     m = torch.from_numpy(pixel_masks).float().unsqueeze(1)
+    if behind:
+        return -F.max_pool2d(-m, factor)
     m = F.max_pool2d(m, factor)
     if dilate:
         m = F.max_pool2d(m, 2 * dilate + 1, stride=1, padding=dilate)
@@ -381,7 +385,8 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
         mean, std = (torch.from_numpy(a.astype(np.float32)) for a in encode_latents(vae, imgs))
         data.append((mean, std, comps, random.Random(j.seed), torch.Generator().manual_seed(j.seed + 1)))
         if masked_prior:   # a job without it: the true noise everywhere (mask 1)
-            masks.append(latent_masks(pixel_masks, factor=imgs.shape[1] // mean.shape[-1], dilate=MASK_DILATE)
+            masks.append(latent_masks(pixel_masks, factor=imgs.shape[1] // mean.shape[-1], dilate=MASK_DILATE,
+                                      behind=CONCEPTS_BY_NAME[j.concept].category == "background")
                          if j.masked_prior else torch.ones(len(comps), 1, *mean.shape[-2:]))
     scale = vae.config.scaling_factor
     del vae
