@@ -34,7 +34,8 @@ diverges. The committed library is trained with the last (`build_library`'s HEAD
 
 Masked prior preservation (`LoRAJob.masked_prior`: the true noise as target only on the concept's own pixels, the
 base model's prediction elsewhere) kept four LoRAs' single-LoRA rates and did not stop the character drowning in
-compositions (docs/MEASURED.md, "Masked prior preservation"); the library is not trained with it.
+compositions; on the six backgrounds it lost one concept (grid 0.90 -> 0) and left the subject painted over
+(docs/MEASURED.md, "Masked prior preservation"). The library is not trained with it.
 
 Files are saved in fp16 (kohya's ``--save_precision fp16``).
 
