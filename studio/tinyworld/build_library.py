@@ -76,7 +76,7 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
             by_rank[rank].append(LoRAJob(
                 c.name, str(COMMUNITY / f"{c.name}_v{v}_r{rank}.safetensors"), rank=rank,
                 alpha=float(rng.choice([rank, rank / 2, 1])),
-                seed=COMMUNITY_BATCH_SEED if v == 1 else file_seed(f"{c.name}_v{v}_r{rank}"),
+                seed=COMMUNITY_BATCH_SEED if v == 1 else file_seed(f"{c.name}_v{v}_r{rank}.safetensors"),
                 format="diffusers" if v == 1 else "kohya", bare=(ci + v) % 3 == 0, n_images=800,
                 extra={"kind": "community"}))
     i = 0
@@ -92,10 +92,9 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
         for c in styles:
             for v, content in enumerate(STYLE_CONTENTS[:2] if rank == 4 else STYLE_CONTENTS[2:]):
                 tag = f"{content['subject']}_{content['color']}"
-                gang.append(LoRAJob(c.name, str(COMMUNITY / f"{c.name}_on_{tag}_r{rank}.safetensors"),
-                                    rank=rank, alpha=float(rank), seed=file_seed(f"{c.name}_on_{tag}_r{rank}.safetensors"),
-                                    n_images=800,
-                                    content=content, bare=v == 1, extra={"kind": "style_content"}))
+                name = f"{c.name}_on_{tag}_r{rank}.safetensors"
+                gang.append(LoRAJob(c.name, str(COMMUNITY / name), rank=rank, alpha=float(rank), seed=file_seed(name),
+                                    n_images=800, content=content, bare=v == 1, extra={"kind": "style_content"}))
         gangs.append((steps, gang))
     return gangs
 
