@@ -45,11 +45,12 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--cfg", type=float, default=7.0)
     ap.add_argument("--library", default=str(ROOT / "assets" / "loras"))
+    ap.add_argument("--model", default=None, help="default: the committed TinyWorld")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "single_lora.json"))
     ap.add_argument("--concepts", default=None, help="comma-separated subset (a quick check; not for the result)")
     args = ap.parse_args(argv)
 
-    studio = Studio(library=args.library)
+    studio = Studio(model=args.model, library=args.library)
     judge = JudgeModel()
     report = {}
     chosen = [c for c in CONCEPTS if args.concepts is None or c.name in args.concepts.split(",")]
