@@ -59,7 +59,8 @@ def main(argv=None):
                                      if p[name] != getattr(c, key)).most_common(6))
                   for attr, key, name in (("shape", "subject", "subject"), ("color", "color", "color"),
                                           ("background", "background", "background"))}
-    report.update(all_three=round(float(all3), 4), shape_by_size=by_size, top_confusions=confusions, n=args.n, steps=args.steps, cfg=args.cfg, sampler=args.sampler,
+    report.update(all_three=round(float(all3), 4), shape_by_size=by_size, top_confusions=confusions, n=args.n,
+                  model=args.model or "assets/tinyworld", steps=args.steps, cfg=args.cfg, sampler=args.sampler,
                   seconds_per_image=round(seconds / args.n, 4), device=str(studio.device), machine=machine(),
                   examples=[{"prompt": p, "seed": s, "judge": j} for p, s, j in
                             list(zip(prompts, seeds, preds))[:8]])

@@ -73,7 +73,8 @@ def main(argv=None):
                                 "no_lora_concept_rate": round(row["no_lora"][0], 3),
                                 "no_lora_base_rate": round(row["no_lora"][1], 3), "n": args.n}
         print(concept.name, report[concept.name])
-    report["_meta"] = {"steps": args.steps, "cfg": args.cfg, "machine": machine(),
+    report["_meta"] = {"model": args.model or "assets/tinyworld", "steps": args.steps, "cfg": args.cfg,
+                       "machine": machine(),
                        "targets": {"concept_rate": 0.90, "base_rate": 0.85}}
     Path(args.out).write_text(json.dumps(report, indent=2))
 
