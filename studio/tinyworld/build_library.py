@@ -73,10 +73,10 @@ def plan() -> list[tuple[int, list[LoRAJob]]]:
     for ci, c in enumerate(CONCEPTS):
         for v in range(COMMUNITY_VARIANTS):   # ranks skewed small, as on Civitai (and to keep assets/ small)
             rank = rng.choices([4, 8, 16, 32], weights=[4, 3, 2, 1])[0]
+            name = f"{c.name}_v{v}_r{rank}.safetensors"
             by_rank[rank].append(LoRAJob(
-                c.name, str(COMMUNITY / f"{c.name}_v{v}_r{rank}.safetensors"), rank=rank,
-                alpha=float(rng.choice([rank, rank / 2, 1])),
-                seed=COMMUNITY_BATCH_SEED if v == 1 else file_seed(f"{c.name}_v{v}_r{rank}.safetensors"),
+                c.name, str(COMMUNITY / name), rank=rank, alpha=float(rng.choice([rank, rank / 2, 1])),
+                seed=COMMUNITY_BATCH_SEED if v == 1 else file_seed(name),
                 format="diffusers" if v == 1 else "kohya", bare=(ci + v) % 3 == 0, n_images=800,
                 extra={"kind": "community"}))
     i = 0

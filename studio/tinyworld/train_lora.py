@@ -395,6 +395,7 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
     captions_seen: list[list[str]] = [[] for _ in jobs]
     t0 = time.time()
     desc = jobs[0].concept if n == 1 else f"{n} loras r{jobs[0].rank}"
+    gang_layers = (*wrapped.values(), *text.values())   # switched off for the base model's prior (masked_prior)
     for step in tqdm(range(steps), desc=f"train {desc}"):
         zs, noises, ts, caps, ms = [], [], [], [], []
         for k, (mean, std, comps, rng, g) in enumerate(data):   # every draw from the LoRA's own generators
@@ -422,13 +423,12 @@ def train_loras(jobs: list[LoRAJob], steps: int = 400, batch_per_lora: int = 8, 
         target = noise
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if masked_prior:   # the base model's prediction outside the concept's pixels
-                gangs = (*wrapped.values(), *text.values())
-                for g in gangs:
-                    g.enabled = False
+                for layer in gang_layers:
+                    layer.enabled = False
                 with torch.no_grad():
                     prior = unet(zt, t, te(ids)[0]).sample.float()
-                for g in gangs:
-                    g.enabled = True
+                for layer in gang_layers:
+                    layer.enabled = True
                 m = torch.cat(ms).to(device)
                 target = m * noise + (1 - m) * prior
             with torch.set_grad_enabled(bool(text)):
