@@ -110,7 +110,7 @@ def main() -> None:
         "",
         *library_rows(),
         "",
-        f"All of `assets/`: {_mb(_size(ASSETS))} (limit 60 MB; `test_assets_stay_small`).",
+        f"All of `assets/`: {_mb(_size(ASSETS))} (limit 64 MB; `test_assets_stay_small`).",
         "",
         f"Sampling on CPU ({threads} threads, DPM-Solver++ 25 steps, CFG 7, batch 16): "
         f"**{spi:.3f} s per image** at 64×64.",
