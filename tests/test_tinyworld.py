@@ -149,7 +149,7 @@ def test_tinyworld_is_a_genuine_sd15_structured_pipeline():
 
 
 def test_assets_stay_small():
-    """All of `assets/` (model 35 MB, 26 headline LoRAs resized to ~25 MB, judge 1 MB) stays under `ASSETS_LIMIT_MB` (64);
+    """All of `assets/` (model 35 MB, 26 headline LoRAs resized to ~25 MB, judge 1 MB) stays under `ASSETS_LIMIT_MB`;
     caches of the shipped library live in `runs/cache/`, never under `assets/` (`cache_dir`)."""
     from studio.library.catalog import cache_dir
     from studio.tinyworld.report import ASSETS_LIMIT_MB
