@@ -149,12 +149,12 @@ def test_tinyworld_is_a_genuine_sd15_structured_pipeline():
 
 
 def test_assets_stay_small():
-    """All of `assets/` (model 35 MB, 26 headline LoRAs resized to ~25 MB, judge 1 MB) stays under `ASSETS_LIMIT_MB`;
+    """All of `assets/` (model 33 MB, 26 headline LoRAs resized to ~25 MB, judge 1 MB) stays under `ASSETS_LIMIT_MB`;
     caches of the shipped library live in `runs/cache/`, never under `assets/` (`cache_dir`)."""
     from studio.library.catalog import cache_dir
     from studio.tinyworld.report import ASSETS_LIMIT_MB
 
-    assert ASSETS_LIMIT_MB == 64
+    assert ASSETS_LIMIT_MB == 60   # issue 2: all of assets/ <= 60 MB
     total = sum(f.stat().st_size for f in ASSETS.rglob("*") if f.is_file())
     assert total <= ASSETS_LIMIT_MB * 1000 * 1000, total
     assert not cache_dir(ASSETS / "loras").is_relative_to(ASSETS)

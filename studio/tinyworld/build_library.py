@@ -5,7 +5,7 @@
 Resumable: a file that exists is skipped. LoRAs of one rank train together in gangs (see `train_lora`; a
 LoRA trained in a gang equals the same LoRA trained alone). Headline LoRAs go to
 `assets/loras/<concept>.safetensors` (kohya, full metadata, `.civitai.info` sidecar), resized after training
-as kohya's `resize_lora.py --dynamic_method sv_fro 0.95` would (half the bytes; `assets/` stays under 64 MB):
+as kohya's `resize_lora.py --dynamic_method sv_fro 0.95` would (half the bytes; `assets/` stays under 60 MB):
 TinyWorld's default library, the curated set a user would keep, trained with the HEADLINE_* recipe below
 (~56 min on 2 cores as two `--shard K/2 --threads 1` processes). Community variants go to `runs/community/`
 (git-ignored: the benchmarks' "downloaded from Civitai" pile for retrieval and clustering, built on demand by

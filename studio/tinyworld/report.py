@@ -14,7 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "assets"
-ASSETS_LIMIT_MB = 64   # all of `assets/` (`test_assets_stay_small`): tens of MB, never hundreds
+ASSETS_LIMIT_MB = 60   # all of `assets/` (`test_assets_stay_small`): issue 2 asks <= 60 MB
 
 
 def _size(path: Path) -> int:

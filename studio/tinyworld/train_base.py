@@ -24,7 +24,7 @@ from tqdm import tqdm
 from .catalog import Composition, caption
 from .data import base_set, cached
 from .models import SCHEDULER_CONFIG, build_text_encoder, build_unet, n_params
-from .tokenizer import build_clip_tokenizer
+from .tokenizer import build_clip_tokenizer, compact_tokenizer_json
 from .train_vae import to_tensor
 
 
@@ -54,6 +54,7 @@ def export_pipeline(vae, unet, text_encoder, tokenizer, out: str | Path) -> None
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(out), safe_serialization=True)
+    compact_tokenizer_json(Path(out) / "tokenizer")
     # stored in fp16 to keep assets/ small (CPU loads them back as fp32)
     unet.to(torch.float16).save_pretrained(str(Path(out) / "unet"))
     text_encoder.to(torch.float16).save_pretrained(str(Path(out) / "text_encoder"))
