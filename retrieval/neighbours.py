@@ -35,7 +35,7 @@ from typing import Sequence
 import numpy as np
 
 from .descriptor import DescriptorConfig, attention_part
-from .shared_init import centre_groups, shared_init_groups
+from .shared_init import MIN_GROUP, centre_groups, group_shrinkage, shared_init_groups, shrinkage
 
 CONTENT_PCA = 32     # PCA size of the library's centred content rows, where neighbours are found
 NEIGHBOURS = 5       # neighbours with metadata that give a LoRA its vector ...
@@ -163,16 +163,32 @@ class ContentRows:
         return X
 
 
-def _centre(M: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """C·M: rows centred within shared-initialisation groups, then on their mean (in place: `M` is changed)."""
-    M = centre_groups(M, groups, copy=False)
+def _centre(M: np.ndarray, groups: np.ndarray, lambdas: dict[int, float]) -> np.ndarray:
+    """C·M: rows centred within shared-initialisation groups (`centre_groups` with fixed `lambdas`), then on their
+    mean (in place: `M` is changed). C is linear and symmetric, so it is also its own transpose."""
+    M = centre_groups(M, groups, copy=False, lambdas=lambdas)
     M -= M.mean(axis=0)
     return M
 
 
-def _centre_t(M: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Cᵀ·M (the transpose of `_centre`'s operator: the mean first, then the groups)."""
-    return centre_groups(M - M.mean(axis=0), groups)
+def _chunked_lambdas(rows: ContentRows, fit: np.ndarray, groups: np.ndarray, chunk: int) -> dict[int, float]:
+    """`group_shrinkage` of the `fit` rows, from per-group sums built chunk by chunk (the rows never whole)."""
+    ids, counts = np.unique(groups, return_counts=True)
+    big = {int(g): int(c) for g, c in zip(ids, counts) if c >= MIN_GROUP}
+    total = np.zeros(rows.dim)
+    sums = {g: np.zeros(rows.dim) for g in big}
+    energy = dict.fromkeys(big, 0.0)
+    buf = np.empty((min(chunk, len(fit)), rows.dim), dtype=np.float32)
+    for s in range(0, len(fit), chunk):
+        part = rows.rows(fit[s:s + chunk], buf).astype(np.float64)
+        total += part.sum(axis=0)
+        for g in big:
+            mine = part[groups[s:s + chunk] == g]
+            sums[g] += mine.sum(axis=0)
+            energy[g] += float(np.einsum("ij,ij->", mine, mine))
+    mean = total / len(fit)
+    return {g: shrinkage(n, sums[g] - n * mean, energy[g] - 2 * float(mean @ sums[g]) + n * float(mean @ mean))
+            for g, n in big.items()}
 
 
 def content_space(rows: ContentRows, init_prints: np.ndarray, dim: int = CONTENT_PCA,
@@ -184,31 +200,33 @@ def content_space(rows: ContentRows, init_prints: np.ndarray, dim: int = CONTENT
     groups = shared_init_groups(init_prints)
     k = min(dim, max(1, n - 1), rows.dim)
     if n <= 2:
-        X = _centre(rows.rows(range(n)), groups)
+        X = _centre(rows.rows(range(n)), groups, {})
         return (X / np.linalg.norm(X, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
     fit = np.arange(n) if n <= fit_rows else np.sort(np.random.default_rng(0).choice(n, fit_rows, False))
     if len(fit) * rows.dim <= explicit_floats:
-        F = _centre(rows.rows(fit), groups[fit])
-        comps = _top_components(F, k)
+        F = rows.rows(fit)
+        lambdas = group_shrinkage(F, groups[fit])
+        comps = _top_components(_centre(F, groups[fit], lambdas), k)
         del F
     else:
-        comps = _chunked_components(rows, fit, groups[fit], k, chunk)
-    Y = _centre(rows.projected([range(s, min(n, s + chunk)) for s in range(0, n, chunk)], comps.T), groups)
+        lambdas = _chunked_lambdas(rows, fit, groups[fit], chunk)
+        comps = _chunked_components(rows, fit, groups[fit], k, chunk, lambdas)
+    Y = _centre(rows.projected([range(s, min(n, s + chunk)) for s in range(0, n, chunk)], comps.T), groups, lambdas)
     return (Y / np.linalg.norm(Y, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
 
 
 def _chunked_components(rows: ContentRows, fit: np.ndarray, groups: np.ndarray, k: int, chunk: int,
-                        oversample: int = 32, power: int = 2) -> np.ndarray:
+                        lambdas: dict[int, float], oversample: int = 32, power: int = 2) -> np.ndarray:
     """(k, dim) top right singular vectors of C·X (X: the `fit` rows, built chunk by chunk, never whole; C:
     `_centre`): a seeded randomised SVD (Halko et al. 2011)."""
     spans = [fit[s:s + chunk] for s in range(0, len(fit), chunk)]
     buf = np.empty((min(chunk, len(fit)), rows.dim), dtype=np.float32)
 
     def times(M):        # C·X·M
-        return _centre(rows.projected(spans, M), groups)
+        return _centre(rows.projected(spans, M), groups, lambdas)
 
-    def t_times(Q):      # (C·X)ᵀ·Q = Xᵀ·Cᵀ·Q
-        Qc, acc, at = _centre_t(Q, groups), np.zeros((rows.dim, Q.shape[1]), dtype=np.float32), 0
+    def t_times(Q):      # (C·X)ᵀ·Q = Xᵀ·C·Q (C is symmetric)
+        Qc, acc, at = _centre(Q.copy(), groups, lambdas), np.zeros((rows.dim, Q.shape[1]), dtype=np.float32), 0
         for sp in spans:
             acc += rows.rows(sp, buf).T @ Qc[at:at + len(sp)]
             at += len(sp)
