@@ -19,8 +19,11 @@ in ΔW·ΔWᵀ ≈ G·P·Gᵀ (G: what training pushed). On TinyWorld that share
 training run, not by style (`bench/cluster.py`, "init_groups"). `init_fingerprints` sketches each module's row
 space (off-diagonal entries of R·V·Vᵀ·Rᵀ for a fixed random R: their inner products estimate the row-space
 overlap ‖V₁ᵀV₂‖², near 0 for independent inits), `shared_init_groups` links LoRAs whose row spaces overlap,
-and `features_from_blocks` subtracts each group's mean feature (groups of `MIN_GROUP` or more; a lone LoRA, or
-two copies of one file, are left as they are) before PCA.
+and `features_from_blocks` takes out of each member what its group shares, as far as the group shows it
+(`centre_groups`: the other members' mean, shrunk by how much more alike the members are than the library's LoRAs;
+groups of `MIN_GROUP` or more, so a lone LoRA or two copies of one file are left as they are) before PCA. On
+TinyWorld's library, where only one uploader's batch shares a seed, subtracting each group's plain mean instead
+took style ARI from 0.59 to 0.44: a small group's mean is mostly its own members' styles.
 
 Clustering. Up to a few hundred LoRAs: average-linkage (cosine) agglomerative clustering, cut at the number of
 clusters with the best silhouette. Larger libraries are first reduced to `MICRO` k-means micro-clusters and
