@@ -90,6 +90,38 @@ def test_what_loras_of_one_initialisation_share_is_taken_out():
     assert float(X[0] @ X[-1]) > 0.999
 
 
+def test_a_group_loses_only_what_its_members_share():
+    """`centre_groups` takes out of each member the other members' mean, shrunk to how much the group shows a
+    shared part: a group that shares nothing keeps its rows, a group dominated by one shared direction loses it, and
+    no member ever loses its own signal."""
+    from retrieval.shared_init import centre_groups, group_shrinkage
+
+    rng = np.random.default_rng(0)
+    n, d = 60, 40
+    own = rng.normal(size=(n, d)) / np.sqrt(d)           # every row its own signal, unit-sized
+    groups = np.arange(n)
+    groups[:6] = 100                                     # a batch that shares nothing
+    groups[6:12] = 200                                   # a batch that shares one strong direction
+    shared = 3.0 * rng.normal(size=d) / np.sqrt(d)
+    X = own.copy()
+    X[6:12] += shared
+    lam = group_shrinkage(X, groups)
+    assert set(lam) == {100, 200}
+    assert lam[100] < 0.15 and lam[200] > 0.9
+    C = centre_groups(X, groups)
+    np.testing.assert_allclose(C[:6], X[:6], atol=0.2)    # barely touched
+    mean = X.mean(axis=0)
+    # the shared direction is gone from the second batch, while each member keeps its own signal
+    assert np.abs((C[6:12] - mean) @ shared).max() < 0.3 * float(shared @ shared)
+    own_kept = np.einsum("ij,ij->i", C[6:12] - mean, own[6:12]) / np.einsum("ij,ij->i", own[6:12], own[6:12])
+    assert own_kept.min() > 0.9
+    # with fixed lambdas the map is linear: C(aX + bY) = aC(X) + bC(Y)
+    Y = rng.normal(size=X.shape)
+    lin = centre_groups(2 * X - Y, groups, lambdas=lam)
+    np.testing.assert_allclose(lin, 2 * centre_groups(X, groups, lambdas=lam) - centre_groups(Y, groups, lambdas=lam),
+                               atol=1e-9)
+
+
 def test_fixed_k_and_tiny_libraries():
     loras, truth = style_library(n_styles=3, per_style=4)
     X = style_features(loras)
