@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from .descriptor import DescriptorConfig, attention_part
-from .shared_init import MIN_GROUP, centre_groups, group_shrinkage, shared_init_groups, shrinkage
+from .shared_init import centre_groups, group_shrinkage, shared_init_groups
 
 CONTENT_PCA = 32     # PCA size of the library's centred content rows, where neighbours are found
 NEIGHBOURS = 5       # neighbours with metadata that give a LoRA its vector ...
@@ -173,26 +173,6 @@ def _centre(M: np.ndarray, groups: np.ndarray, lambdas: dict[int, float]) -> np.
     return M
 
 
-def _chunked_lambdas(rows: ContentRows, fit: np.ndarray, groups: np.ndarray, chunk: int) -> dict[int, float]:
-    """`group_shrinkage` of the `fit` rows, from per-group sums built chunk by chunk (the rows never whole)."""
-    ids, counts = np.unique(groups, return_counts=True)
-    big = {int(g): int(c) for g, c in zip(ids, counts) if c >= MIN_GROUP}
-    total = np.zeros(rows.dim)
-    sums = {g: np.zeros(rows.dim) for g in big}
-    energy = dict.fromkeys(big, 0.0)
-    buf = np.empty((min(chunk, len(fit)), rows.dim), dtype=np.float32)
-    for s in range(0, len(fit), chunk):
-        part = rows.rows(fit[s:s + chunk], buf).astype(np.float64)
-        total += part.sum(axis=0)
-        for g in big:
-            mine = part[groups[s:s + chunk] == g]
-            sums[g] += mine.sum(axis=0)
-            energy[g] += float(np.einsum("ij,ij->", mine, mine))
-    mean = total / len(fit)
-    return {g: shrinkage(n, sums[g] - n * mean, energy[g] - 2 * float(mean @ sums[g]) + n * float(mean @ mean))
-            for g, n in big.items()}
-
-
 def content_space(rows: ContentRows, init_prints: np.ndarray, dim: int = CONTENT_PCA,
                   fit_rows: int = PCA_FIT_ROWS, chunk: int = 512, explicit_floats: int = 72_000_000) -> np.ndarray:
     """(n, ≤dim) unit rows: a library's `ContentRows`, centred within shared-initialisation groups and on their
@@ -211,7 +191,8 @@ def content_space(rows: ContentRows, init_prints: np.ndarray, dim: int = CONTENT
         comps = _top_components(_centre(F, groups[fit], lambdas), k)
         del F
     else:
-        lambdas = _chunked_lambdas(rows, fit, groups[fit], chunk)
+        buf = np.empty((min(chunk, len(fit)), rows.dim), dtype=np.float32)
+        lambdas = group_shrinkage((rows.rows(fit[s:s + chunk], buf) for s in range(0, len(fit), chunk)), groups[fit])
         comps = _chunked_components(rows, fit, groups[fit], k, chunk, lambdas)
     Y = _centre(rows.projected([range(s, min(n, s + chunk)) for s in range(0, n, chunk)], comps.T), groups, lambdas)
     return (Y / np.linalg.norm(Y, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import hashlib
 from functools import lru_cache
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -160,27 +160,38 @@ def shared_init_groups(fingerprints: np.ndarray, overlap: float = INIT_OVERLAP, 
     return connected_components(links, directed=False)[1]
 
 
-def shrinkage(n: int, total: np.ndarray, energy: float) -> float:
-    """λ of one group of `n` rows (`group_shrinkage`) from the sum of its rows and the sum of their squared norms,
-    both taken on rows centred on the library's mean."""
-    shared = max(0.0, (float(total @ total) - energy) / (n * (n - 1)))
-    own = max(energy / n - shared, 0.0)
-    return shared / (shared + own / (n - 1)) if shared > 0 else 0.0
-
-
-def group_shrinkage(X: np.ndarray, groups: np.ndarray, min_size: int = MIN_GROUP) -> dict[int, float]:
+def group_shrinkage(X: np.ndarray | Iterable[np.ndarray], groups: np.ndarray, min_size: int = MIN_GROUP
+                    ) -> dict[int, float]:
     """{group: λ} for the groups of at least `min_size` rows: how much of the other members' mean to take out of
     each member (`centre_groups`). With rows centred on the library's mean, a member is x_i = s + e_i (s: what the
     group shares, e_i: its own signal); the mean of the *other* members estimates s with the noise of n − 1 own
     signals, and λ = ‖s‖² / (‖s‖² + (E‖x‖² − ‖s‖²) / (n − 1)) is the least-squares weight of that estimate, ‖s‖²
     read as the members' mean pairwise inner product. A group whose members share nothing beyond what any LoRAs
-    share gets λ ≈ 0 and is left alone; a batch dominated by its initialisation gets λ ≈ 1."""
-    Xc = X - X.mean(axis=0)
+    share gets λ ≈ 0 and is left alone; a batch dominated by its initialisation gets λ ≈ 1.
+
+    `X`: the rows, or consecutive chunks of them (`groups` covers them all in order), so a library too large to
+    hold whole is read once; only per-group sums are kept."""
     ids, counts = np.unique(groups, return_counts=True)
+    big = {int(g): int(c) for g, c in zip(ids, counts) if c >= min_size}
+    total, n_rows = 0.0, 0
+    sums, energy = {}, dict.fromkeys(big, 0.0)
+    for part in ([X] if isinstance(X, np.ndarray) else X):
+        part = np.asarray(part, dtype=np.float64)
+        where = groups[n_rows:n_rows + len(part)]
+        total = total + part.sum(axis=0)
+        n_rows += len(part)
+        for g in big:
+            mine = part[where == g]
+            sums[g] = sums.get(g, 0.0) + mine.sum(axis=0)
+            energy[g] += float(np.einsum("ij,ij->", mine, mine))
+    mean = total / max(n_rows, 1)
     out = {}
-    for g, n in zip(ids[counts >= min_size], counts[counts >= min_size]):
-        rows = Xc[groups == g]
-        out[int(g)] = shrinkage(int(n), rows.sum(axis=0), float(np.einsum("ij,ij->", rows, rows)))
+    for g, n in big.items():   # the group's sum and energy on rows centred on the mean
+        t = sums[g] - n * mean
+        e = energy[g] - 2 * float(mean @ sums[g]) + n * float(mean @ mean)
+        shared = max(0.0, (float(t @ t) - e) / (n * (n - 1)))
+        own = max(e / n - shared, 0.0)
+        out[g] = shared / (shared + own / (n - 1)) if shared > 0 else 0.0
     return out
 
 
